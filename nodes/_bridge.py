@@ -1,0 +1,248 @@
+"""The one module that touches ComfyUI: model folders, progress/Stop, memory management, custom types.
+
+Every other node module stays thin: it converts ComfyUI values with the helpers here and calls the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import comfy
+import comfy.model_management as mm
+import comfy.utils
+import folder_paths
+import torch
+from comfy.model_patcher import ModelPatcher
+from comfy_api.latest import io
+
+from ..atelier import fill, flux_files
+from ..atelier.errors import ModelFileError
+from ..atelier.registry import REGISTRY
+from ..atelier.types import FluxFillFiles, FluxFillHandle
+
+log = logging.getLogger("atelier")
+
+# ------------------------------------------------------------------------------------------- custom types
+
+FluxFillPipe = io.Custom("ATELIER_FLUX_FILL")
+
+AUTO = "auto"
+DIFFUSERS_PREFIX = "diffusers/"
+SINGLE_PREFIX = "diffusion_models/"
+
+# ------------------------------------------------------------------------------------------------ folders
+
+
+def _diffusers_folders() -> list[tuple[str, Path]]:
+    """(name relative to a models/diffusers root, path) of every folder holding model_index.json (2 levels deep)."""
+    found = []
+    for root in folder_paths.get_folder_paths("diffusers"):
+        base = Path(root)
+        if not base.is_dir():
+            continue
+        for child in sorted(base.iterdir()):
+            if not child.is_dir():
+                continue
+            if (child / "model_index.json").is_file():
+                found.append((child.name, child))
+                continue
+            for grandchild in sorted(child.iterdir()) if os.access(child, os.R_OK) else []:
+                if grandchild.is_dir() and (grandchild / "model_index.json").is_file():
+                    found.append((f"{child.name}/{grandchild.name}", grandchild))
+    return found
+
+
+def flux_fill_choices() -> list[str]:
+    """The loader's `model` combo: FLUX Fill diffusers folders and single transformer files found on disk."""
+    choices = [DIFFUSERS_PREFIX + name for name, path in _diffusers_folders()
+               if flux_files.diffusers_pipeline_class(path) == flux_files.FLUX_FILL_PIPELINE]
+    for name in folder_paths.get_filename_list("diffusion_models"):
+        if name.endswith(".safetensors"):
+            path = folder_paths.get_full_path("diffusion_models", name)
+            if path and flux_files.is_flux_fill_transformer_file(path):
+                choices.append(SINGLE_PREFIX + name)
+    return choices
+
+
+def file_choices(folder: str) -> list[str]:
+    return [AUTO] + [n for n in folder_paths.get_filename_list(folder) if n.endswith(".safetensors")]
+
+
+def _auto_pick(folder: str, wanted: tuple[str, ...], avoid: tuple[str, ...] = ()) -> str | None:
+    names = [n for n in folder_paths.get_filename_list(folder) if n.endswith(".safetensors")]
+    for w in wanted:
+        hits = [n for n in names if w in Path(n).name.lower()]
+        preferred = [n for n in hits if not any(a in n.lower() for a in avoid)]
+        if preferred or hits:
+            return (preferred or hits)[0]
+    return None
+
+
+def _resolve_part(choice: str, folder: str, wanted: tuple[str, ...], what: str, avoid: tuple[str, ...] = ()) -> str:
+    name = _auto_pick(folder, wanted, avoid) if choice == AUTO else choice
+    if name is None:
+        raise ModelFileError(
+            f"a {what} file in models/{folder} (looked for names containing {' or '.join(wanted)})",
+            "none", f"Put the {what} file in models/{folder}, or pick it in the loader's input.")
+    path = folder_paths.get_full_path(folder, name)
+    if path is None:
+        raise ModelFileError(f"the {what} file '{name}' in models/{folder}", "no such file",
+                             "Refresh the node (R) and pick a file that exists.")
+    return path
+
+
+def tokenizer_dirs() -> tuple[str, str]:
+    """CLIP-L's and T5's tokenizers as shipped in ComfyUI's tree."""
+    root = Path(comfy.__file__).parent
+    return str(root / "sd1_tokenizer"), str(root / "text_encoders" / "t5_tokenizer")
+
+
+def flux_fill_files(model: str, clip_l: str = AUTO, t5xxl: str = AUTO, vae: str = AUTO) -> FluxFillFiles:
+    """Turn the loader's combo values into paths."""
+    if model.startswith(DIFFUSERS_PREFIX):
+        name = model[len(DIFFUSERS_PREFIX):]
+        for found, path in _diffusers_folders():
+            if found == name:
+                return FluxFillFiles(layout="diffusers", path=str(path))
+        raise ModelFileError(f"the diffusers folder '{name}' under models/diffusers", "no such folder",
+                             "Refresh the node (R) and pick a model that exists.")
+    if model.startswith(SINGLE_PREFIX):
+        name = model[len(SINGLE_PREFIX):]
+        path = folder_paths.get_full_path("diffusion_models", name)
+        if path is None:
+            raise ModelFileError(f"'{name}' in models/diffusion_models", "no such file",
+                                 "Refresh the node (R) and pick a model that exists.")
+        clip_tok, t5_tok = tokenizer_dirs()
+        return FluxFillFiles(
+            layout="single_file", path=path,
+            clip_l=_resolve_part(clip_l, "text_encoders", ("clip_l",), "clip_l"),
+            t5xxl=_resolve_part(t5xxl, "text_encoders", ("t5xxl", "t5"), "t5xxl", avoid=("fp8", "scaled")),
+            vae=_resolve_part(vae, "vae", ("ae.", "flux", "ae"), "vae"),
+            clip_tokenizer=clip_tok, t5_tokenizer=t5_tok)
+    raise ModelFileError("a model from the list (diffusers/… or diffusion_models/…)", repr(model),
+                         "Put FLUX.1-Fill-dev in models/diffusers or flux1-fill-dev.safetensors in "
+                         "models/diffusion_models, then refresh (R).")
+
+
+def device() -> str:
+    return str(mm.get_torch_device())
+
+
+def free_vram() -> int | None:
+    dev = mm.get_torch_device()
+    return mm.get_free_memory(dev) if dev.type == "cuda" else None
+
+
+# --------------------------------------------------------------------------------------------- progress
+
+
+class ComfyProgress:
+    """Atelier's Progress on ComfyUI's ProgressBar; each step is a Stop point (the hook raises when interrupted)."""
+
+    def __init__(self, total: int):
+        self.bar = comfy.utils.ProgressBar(max(1, total))
+
+    def step(self, n: int = 1) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        self.bar.update(n)
+
+
+@contextmanager
+def comfy_progress(total: int):
+    yield ComfyProgress(total)
+
+
+# -------------------------------------------------------------------------------------- memory management
+
+
+class _Anchor(torch.nn.Module):
+    """What ComfyUI's bookkeeping sees as the model; the real modules live in the registry entry."""
+
+
+class AtelierModelPatcher(ModelPatcher):
+    """Lets ComfyUI's model management see one Atelier pipeline: Unload / POST /free / VRAM pressure release it.
+
+    Atelier's pipelines place their own weights (offload hooks, quantized layers), so this patcher never moves
+    tensors: loading only records the pipeline as in use; unloading drops it from Atelier's registry, which frees
+    every byte (the next run rebuilds it from its spec).
+    """
+
+    def __init__(self, key, size: int, load_device: torch.device):
+        super().__init__(_Anchor(), load_device=load_device, offload_device=torch.device("cpu"), size=max(1, size))
+        self.atelier_key = key
+
+    def model_size(self):
+        return self.size
+
+    def loaded_size(self):
+        return self.size if REGISTRY.get(self.atelier_key) is not None else 0
+
+    def current_loaded_device(self):
+        return self.load_device
+
+    def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+        return 0
+
+    def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
+        return 0  # all or nothing: ComfyUI then calls detach()
+
+    def detach(self, unpatch_all=True):
+        _PATCHERS.pop(self.atelier_key, None)
+        _releasing_from_comfy.add(self.atelier_key)
+        try:
+            REGISTRY.release(self.atelier_key)
+        finally:
+            _releasing_from_comfy.discard(self.atelier_key)
+        return self.model
+
+    def clone(self):  # one pipeline, one patcher
+        return self
+
+
+_PATCHERS: dict = {}
+_releasing_from_comfy: set = set()
+
+
+def _on_built(key, entry) -> None:
+    size = getattr(entry, "resident_bytes", 0)
+    dev = getattr(entry, "device", mm.get_torch_device())
+    patcher = AtelierModelPatcher(key, size, torch.device(dev))
+    _PATCHERS[key] = patcher
+    mm.load_models_gpu([patcher])
+
+
+def _on_released(key) -> None:
+    patcher = _PATCHERS.pop(key, None)
+    if patcher is None or key in _releasing_from_comfy:
+        return  # ComfyUI is unloading it and will drop its own record
+    for i, loaded in enumerate(list(mm.current_loaded_models)):
+        if loaded.model is patcher:
+            mm.current_loaded_models.pop(i)
+            break
+
+
+REGISTRY.on_built = _on_built
+REGISTRY.on_released = _on_released
+
+
+def acquire_flux_fill(handle: FluxFillHandle) -> fill.FluxFillModel:
+    """The loaded pipeline for ``handle``: reloaded if ComfyUI released it, marked in use, VRAM made room for."""
+    entry = REGISTRY.get(handle.spec)
+    if entry is None:
+        dev = mm.get_torch_device()
+        if dev.type == "cuda":
+            _, _, _, fp = fill.resolve(handle.spec, free_vram())
+            need = fill.resident_vram(handle.offload, fp) + mm.minimum_inference_memory()
+            mm.free_memory(need, dev)  # evict core models first, the way core loaders do
+        return fill.get_model(handle)
+    patcher = _PATCHERS.get(handle.spec)
+    if patcher is not None:
+        mm.load_models_gpu([patcher])  # marks it in use; frees others if VRAM is short
+    return entry
+
+
+def images_out(t: torch.Tensor) -> torch.Tensor:
+    return t.clamp(0.0, 1.0).float().cpu()
