@@ -7,6 +7,7 @@ without ComfyUI and reproduce plain diffusers: the same weights, inputs and seed
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -331,8 +332,11 @@ def _run_one(model: FluxFillModel, image: torch.Tensor, mask: torch.Tensor, prom
         return kwargs
 
     generator = torch.Generator("cpu").manual_seed(int(seed) % (2**64))
+    # FluxFillPipeline (unlike FluxPipeline) opens no cache context; FirstBlockCache's hooks need one
+    cache = (pipe.transformer.cache_context("cond") if getattr(pipe.transformer, "is_cache_enabled", False)
+             else contextlib.nullcontext())
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), cache:
             out = pipe(
                 prompt=prompt, image=to_bchw(img), mask_image=msk.unsqueeze(1), height=h, width=w,
                 guidance_scale=guidance, num_inference_steps=steps, generator=generator,

@@ -61,7 +61,11 @@ FLUX_VAE_SCALING = {"scaling_factor": 0.3611, "shift_factor": 0.1159}
 
 def read_safetensors_header(path: str | os.PathLike) -> dict[str, dict]:
     """Tensor names -> {dtype, shape} from a .safetensors header, without reading the tensors."""
-    st = os.stat(path)
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ModelFileError("a .safetensors file", f"'{path}' that cannot be read ({e})",
+                             "Check the path; the file may have been moved or deleted.") from e
     return _read_header(str(path), st.st_size, st.st_mtime_ns)
 
 
@@ -73,7 +77,10 @@ def _read_header(path: str, size: int, mtime: int) -> dict[str, dict]:
             if n <= 0 or n > 100_000_000 or n > size:
                 raise ValueError("bad header length")
             header = json.loads(f.read(n))
-    except (OSError, ValueError, struct.error) as e:
+        ends = [int(m["data_offsets"][1]) for k, m in header.items() if k != "__metadata__"]
+        if 8 + n + max(ends, default=0) > size:
+            raise ValueError(f"tensor data ends at byte {8 + n + max(ends)} but the file has {size}")
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, struct.error) as e:
         raise ModelFileError("a .safetensors file", f"'{path}' that cannot be read ({e})",
                              "Re-download the file; partial downloads are the usual cause.") from e
     header.pop("__metadata__", None)

@@ -10,7 +10,6 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
-import comfy
 import comfy.model_management as mm
 import comfy.utils
 import folder_paths
@@ -96,7 +95,7 @@ def _resolve_part(choice: str, folder: str, wanted: tuple[str, ...], what: str, 
 
 def tokenizer_dirs() -> tuple[str, str]:
     """CLIP-L's and T5's tokenizers as shipped in ComfyUI's tree."""
-    root = Path(comfy.__file__).parent
+    root = Path(comfy.utils.__file__).parent  # comfy is a namespace package: no comfy.__file__
     return str(root / "sd1_tokenizer"), str(root / "text_encoders" / "t5_tokenizer")
 
 
@@ -190,7 +189,11 @@ class AtelierModelPatcher(ModelPatcher):
         return 0  # all or nothing: ComfyUI then calls detach()
 
     def detach(self, unpatch_all=True):
-        _PATCHERS.pop(self.atelier_key, None)
+        if not unpatch_all:
+            # load_models_gpu re-registering this same patcher (is_clone(self)): keep the pipeline
+            return self.model
+        # This patcher stays in _PATCHERS until the next build replaces it: ComfyUI's record holds it only by
+        # weakref, and collecting it here would run ComfyUI's cleanup finalizer in the middle of free_memory.
         _releasing_from_comfy.add(self.atelier_key)
         try:
             REGISTRY.release(self.atelier_key)
@@ -215,12 +218,16 @@ def _on_built(key, entry) -> None:
 
 
 def _on_released(key) -> None:
-    patcher = _PATCHERS.pop(key, None)
-    if patcher is None or key in _releasing_from_comfy:
-        return  # ComfyUI is unloading it and will drop its own record
+    if key in _releasing_from_comfy:
+        return  # ComfyUI is unloading it and drops its own record
+    patcher = _PATCHERS.pop(key, None)  # released by Atelier (another setting replaced it): drop ComfyUI's record
+    if patcher is None:
+        return
     for i, loaded in enumerate(list(mm.current_loaded_models)):
         if loaded.model is patcher:
-            mm.current_loaded_models.pop(i)
+            gone = mm.current_loaded_models.pop(i)
+            if gone.model_finalizer is not None:
+                gone.model_finalizer.detach()
             break
 
 
