@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -51,7 +52,7 @@ def main() -> None:
     a = ap.parse_args()
     text = table(json.loads(a.json.read_text()))
     if not a.readme:
-        print(text)
+        sys.stdout.write(text + "\n")
         return
     readme = README.read_text(encoding="utf-8")
     new = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: f"{START}\n{text}\n{END}", readme, flags=re.S)
