@@ -37,6 +37,8 @@ if [ "$(cat "$venv/.atelier-stamp" 2>/dev/null)" != "$want" ]; then
   # torch and torchvision pinned in the same command, or an unpinned line pulls another build
   "$venv/bin/python" -m pip install -q $torchpins requests -r "$cache/comfy-reqs.txt" \
       -r "$here/requirements.txt" -r "$here/tests/requirements.txt"
+  # SAM2 nodes: the sam2 package ships only as an sdist; build it against this torch (no CUDA extension needed)
+  SAM2_BUILD_CUDA=0 "$venv/bin/python" -m pip install -q --no-build-isolation --no-deps "sam2>=1.0"
   echo "$want" > "$venv/.atelier-stamp"
 fi
 log "ready: ComfyUI at $comfy, Python at $venv/bin/python"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,6 +28,24 @@ log = logging.getLogger("atelier")
 # ------------------------------------------------------------------------------------------- custom types
 
 FluxFillPipe = io.Custom("ATELIER_FLUX_FILL")
+VLM = io.Custom("ATELIER_VLM")
+BgRemover = io.Custom("ATELIER_BG_REMOVER")
+SAM2 = io.Custom("ATELIER_SAM2")
+
+
+def _register_folder(name: str, extensions: set[str]) -> None:
+    """Our own model folders under models/, with explicit extensions (a new key would otherwise match any file)."""
+    path = os.path.join(folder_paths.models_dir, name)
+    if name in folder_paths.folder_names_and_paths:
+        paths, exts = folder_paths.folder_names_and_paths[name]
+        folder_paths.folder_names_and_paths[name] = (paths, set(exts) | extensions)
+    else:
+        folder_paths.folder_names_and_paths[name] = ([path], extensions)
+
+
+_register_folder("background_removal", {".onnx", ".safetensors", ".pth"})
+_register_folder("sam2", {".pt", ".safetensors"})
+_register_folder("LLM", {".safetensors", ".json"})
 
 AUTO = "auto"
 DIFFUSERS_PREFIX = "diffusers/"
@@ -235,20 +254,34 @@ REGISTRY.on_built = _on_built
 REGISTRY.on_released = _on_released
 
 
-def acquire_flux_fill(handle: FluxFillHandle) -> fill.FluxFillModel:
-    """The loaded pipeline for ``handle``: reloaded if ComfyUI released it, marked in use, VRAM made room for."""
-    entry = REGISTRY.get(handle.spec)
+def acquire(key, build, group: str, need_bytes: int | Callable[[], int] = 0):
+    """The registry entry for ``key`` (any stage): built if missing or released, after ComfyUI made room for
+    ``need_bytes`` of VRAM; marked in use when it is already there.
+
+    Entries are the engine's model objects; they expose ``resident_bytes`` and ``device`` (what ComfyUI should
+    count) and ``close()`` (drop every module). See :mod:`atelier.registry`.
+    """
+    entry = REGISTRY.get(key)
     if entry is None:
         dev = mm.get_torch_device()
         if dev.type == "cuda":
-            _, _, _, fp = fill.resolve(handle.spec, free_vram())
-            need = fill.resident_vram(handle.offload, fp) + mm.minimum_inference_memory()
-            mm.free_memory(need, dev)  # evict core models first, the way core loaders do
-        return fill.get_model(handle)
-    patcher = _PATCHERS.get(handle.spec)
+            need = need_bytes() if callable(need_bytes) else need_bytes
+            mm.free_memory(need + mm.minimum_inference_memory(), dev)  # evict core models first, like core loaders
+        return REGISTRY.get_or_build(key, build, group=group)
+    patcher = _PATCHERS.get(key)
     if patcher is not None:
         mm.load_models_gpu([patcher])  # marks it in use; frees others if VRAM is short
     return entry
+
+
+def acquire_flux_fill(handle: FluxFillHandle) -> fill.FluxFillModel:
+    """The loaded FLUX Fill pipeline for ``handle``: reloaded if ComfyUI released it."""
+
+    def need() -> int:
+        _, _, _, fp = fill.resolve(handle.spec, free_vram())
+        return fill.resident_vram(handle.offload, fp)
+
+    return acquire(handle.spec, lambda: fill.load(handle.spec, offload=handle.offload), "flux_fill", need)
 
 
 def images_out(t: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from tests.harness.comfy_server import (  # noqa: E402
 
 log = logging.getLogger("atelier.tests.comfy")
 
-MODEL_FOLDERS = ("diffusers", "diffusion_models", "text_encoders", "vae", "loras")
+MODEL_FOLDERS = ("diffusers", "diffusion_models", "text_encoders", "vae", "loras", "LLM", "sam2", "background_removal")
 
 
 @pytest.fixture(scope="session")
