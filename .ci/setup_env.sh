@@ -41,5 +41,17 @@ if [ "$(cat "$venv/.atelier-stamp" 2>/dev/null)" != "$want" ]; then
   SAM2_BUILD_CUDA=0 "$venv/bin/python" -m pip install -q --no-build-isolation --no-deps "sam2>=1.0"
   echo "$want" > "$venv/.atelier-stamp"
 fi
+# 3. GIMP and LibreOffice Impress: the layer-export tests open the PSD in GIMP and render the PPTX with LibreOffice.
+#    Installed only when missing, and only where apt-get can run (root); elsewhere those two tests skip and say why.
+if ! command -v gimp >/dev/null 2>&1 || ! command -v soffice >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    log "installing GIMP and LibreOffice Impress (apt) for the PSD/PPTX export tests"
+    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+        gimp libreoffice-impress; } >&2
+  else
+    log "GIMP/LibreOffice are missing and apt-get cannot run here (not root):" \
+        "the PSD-in-GIMP and PPTX-in-LibreOffice tests will skip"
+  fi
+fi
 log "ready: ComfyUI at $comfy, Python at $venv/bin/python"
 echo "$venv/bin/python"

@@ -10,25 +10,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from . import flux_files
+from . import flux_files, pipelines
 from .errors import InputError, ModelFileError, SettingError
 from .images import check_image, check_mask, composite, match_mask_to_images, pad_to_multiple, to_bchw, to_bhwc
 from .memory import (
     Footprint,
-    check_quantization,
     diffusers_quant_config,
     dtype_name,
-    footprint,
-    plan_offload,
-    resident_vram,
-    resolve_dtype,
+    resident_vram,  # noqa: F401 - part of this module's interface (the bridge reads fill.resident_vram)
     transformers_quant_config,
 )
 from .progress import NullProgress, Progress
@@ -43,31 +37,20 @@ T5_MAX_LENGTH = 512
 # ------------------------------------------------------------------------------------------------ sizes
 
 
-def _bytes16(files: list[Path]) -> int:
-    total = 0
-    for f in files:
-        for meta in flux_files.read_safetensors_header(f).values():
-            n = 1
-            for d in meta["shape"]:
-                n *= d
-            total += 2 * n
-    return total
-
-
 def part_sizes(files: FluxFillFiles) -> dict[str, int]:
     """Bytes of each part in 16-bit, read from safetensors headers (no tensor is loaded)."""
     if files.layout == "diffusers":
         root = Path(files.path)
         return {
-            "transformer": _bytes16(sorted((root / "transformer").glob("*.safetensors"))),
-            "text_encoders": _bytes16(sorted((root / "text_encoder").glob("*.safetensors"))
+            "transformer": pipelines.bytes16(sorted((root / "transformer").glob("*.safetensors"))),
+            "text_encoders": pipelines.bytes16(sorted((root / "text_encoder").glob("*.safetensors"))
                                       + sorted((root / "text_encoder_2").glob("*.safetensors"))),
-            "vae": _bytes16(sorted((root / "vae").glob("*.safetensors"))),
+            "vae": pipelines.bytes16(sorted((root / "vae").glob("*.safetensors"))),
         }
     return {
-        "transformer": _bytes16([Path(files.path)]),
-        "text_encoders": _bytes16([Path(p) for p in (files.clip_l, files.t5xxl) if p]),
-        "vae": _bytes16([Path(files.vae)] if files.vae else []),
+        "transformer": pipelines.bytes16([Path(files.path)]),
+        "text_encoders": pipelines.bytes16([Path(p) for p in (files.clip_l, files.t5xxl) if p]),
+        "vae": pipelines.bytes16([Path(files.vae)] if files.vae else []),
     }
 
 
@@ -93,49 +76,18 @@ def check_files(files: FluxFillFiles) -> None:
 
 
 @dataclass
-class FluxFillModel:
-    """A built FluxFillPipeline and what was decided while building it."""
-
-    pipe: Any
-    spec: FluxFillSpec
-    offload: str
-    dtype: torch.dtype
-    device: torch.device
-    footprint: Footprint
-    notes: list[str] = field(default_factory=list)
-    load_seconds: float = 0.0
+class FluxFillModel(pipelines.LoadedPipeline):
+    """A built FluxFillPipeline and what was decided while building it (see :class:`pipelines.LoadedPipeline`)."""
 
     @property
     def multiple(self) -> int:
         """Image sides must be multiples of this (VAE downscale × 2×2 latent packing)."""
         return self.pipe.vae_scale_factor * 2
 
-    @property
-    def resident_bytes(self) -> int:
-        return resident_vram(self.offload, self.footprint)
-
-    def close(self) -> None:
-        """Remove offload hooks and drop every module so their memory can go."""
-        pipe, self.pipe = self.pipe, None
-        if pipe is None:
-            return
-        try:
-            pipe.remove_all_hooks()
-        except Exception:  # noqa: BLE001 - best effort: hooks may be half-installed after an error
-            log.debug("Atelier: removing hooks failed", exc_info=True)
-        for name in list(pipe.components):
-            setattr(pipe, name, None)
-
 
 def resolve(spec: FluxFillSpec, free_vram: int | None = None) -> tuple[str, torch.dtype, str, Footprint]:
     """Offload mode, dtype and why, plus the size estimate, without loading anything."""
-    check_quantization(spec.quantization, spec.device)
-    dtype = resolve_dtype(spec.dtype, spec.device)
-    fp = footprint(part_sizes(spec.files), spec.quantization, dtype)
-    mode, why = plan_offload(spec.offload, spec.device, fp, free_vram)
-    if not 0.0 <= spec.first_block_cache < 1.0:
-        raise SettingError("first_block_cache between 0 (off) and 1", str(spec.first_block_cache), "Try 0.05–0.12.")
-    return mode, dtype, why, fp
+    return pipelines.resolve(spec, part_sizes(spec.files), free_vram)
 
 
 def make_handle(spec: FluxFillSpec, free_vram: int | None = None) -> FluxFillHandle:
@@ -152,39 +104,21 @@ def get_model(handle: FluxFillHandle) -> FluxFillModel:
 def load(spec: FluxFillSpec, offload: str | None = None) -> FluxFillModel:
     check_files(spec.files)
     mode, dtype, why, fp = resolve(spec)
-    if offload is not None:
-        mode = offload
-    device = torch.device(spec.device)
-    t0 = time.perf_counter()
-    log.info("Atelier: loading FLUX.1 Fill from %s (%s, quantization %s, offload %s: %s)",
-             spec.files.path, dtype_name(dtype), spec.quantization, mode, why)
-    pipe = _build_pipeline(spec.files, dtype, spec.quantization)
-    model = FluxFillModel(pipe=pipe, spec=spec, offload=mode, dtype=dtype, device=device, footprint=fp)
-    try:
-        _apply_settings(model)
-    except Exception:
-        model.close()
-        raise
-    model.load_seconds = time.perf_counter() - t0
-    log.info("Atelier: FLUX.1 Fill ready in %.1f s%s", model.load_seconds,
-             "".join(f"; {n}" for n in model.notes))
-    return model
+    mode = mode if offload is None else offload
+    return pipelines.build(FluxFillModel, spec, "FLUX.1 Fill", spec.files.path, mode, dtype, why, fp,
+                           lambda: _build_pipeline(spec.files, dtype, spec.quantization))
 
 
 def _build_pipeline(files: FluxFillFiles, dtype: torch.dtype, quantization: str):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxFillPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
+    if files.layout == "diffusers":
+        return pipelines.load_diffusers(FluxFillPipeline, files.path, dtype, quantization,
+                                        diffusers_parts={"transformer": FluxTransformer2DModel},
+                                        transformers_parts={"text_encoder_2": T5EncoderModel})
     qd = diffusers_quant_config(quantization, dtype)
     qt = transformers_quant_config(quantization, dtype)
-    if files.layout == "diffusers":
-        root = files.path
-        transformer = FluxTransformer2DModel.from_pretrained(
-            root, subfolder="transformer", torch_dtype=dtype, quantization_config=qd, local_files_only=True)
-        t5 = T5EncoderModel.from_pretrained(
-            root, subfolder="text_encoder_2", torch_dtype=dtype, quantization_config=qt, local_files_only=True)
-        return FluxFillPipeline.from_pretrained(
-            root, transformer=transformer, text_encoder_2=t5, torch_dtype=dtype, local_files_only=True)
 
     from safetensors.torch import load_file
 
@@ -221,71 +155,6 @@ def _check_loaded(module: torch.nn.Module, name: str, path: str) -> None:
         raise ModelFileError(f"a {name} file with every weight of its architecture",
                              f"'{Path(path).name}' without {len(missing)} of them (e.g. {missing[0]})",
                              f"The file is incomplete or of another model; pick the original {name} file.")
-
-
-def _is_quantized(module: torch.nn.Module) -> bool:
-    return bool(getattr(module, "is_loaded_in_8bit", False) or getattr(module, "is_loaded_in_4bit", False)
-                or getattr(module, "hf_quantizer", None) is not None or getattr(module, "is_quantized", False))
-
-
-def _apply_settings(model: FluxFillModel) -> None:
-    pipe, spec, device = model.pipe, model.spec, model.device
-    if spec.vae_slicing:
-        pipe.vae.enable_slicing()
-    if spec.vae_tiling:
-        pipe.vae.enable_tiling()
-    if spec.attention_slicing:
-        from .attention import enable_sliced_attention
-
-        enable_sliced_attention(pipe.transformer)
-    if spec.first_block_cache > 0:
-        from diffusers.hooks import FirstBlockCacheConfig
-
-        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=spec.first_block_cache))
-    _apply_offload(model)
-    if spec.compile:
-        pipe.transformer.compile(fullgraph=False, dynamic=False)
-    del pipe, device
-
-
-def _apply_offload(model: FluxFillModel) -> None:
-    pipe, mode, device = model.pipe, model.offload, model.device
-    modules = {n: m for n, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
-    quantized = [n for n, m in modules.items() if _is_quantized(m)]
-    if device.type != "cuda" or mode == "none":
-        for name, m in modules.items():
-            if name not in quantized:  # bitsandbytes modules are placed on the GPU when loaded
-                m.to(device)
-        return
-    if mode == "model":
-        # 8-bit bitsandbytes layers cannot move with .to(): keep them resident, offload the rest part by part
-        keep = [n for n in quantized if getattr(modules[n], "is_loaded_in_8bit", False)
-                or _has_8bit(modules[n])]
-        if keep:
-            pipe._exclude_from_cpu_offload = list(keep)
-            model.notes.append(f"int8 parts stay on the GPU under model offload ({', '.join(keep)})")
-        pipe.enable_model_cpu_offload(device=device)
-        return
-    if mode == "sequential":
-        from diffusers.hooks import apply_group_offloading
-
-        for name, m in modules.items():
-            if name in quantized:
-                # bitsandbytes layers cannot be streamed by group offloading: keep quantized parts resident
-                model.notes.append(f"{name} ({model.spec.quantization}) stays on the GPU; other parts stream")
-                continue
-            apply_group_offloading(m, onload_device=device, offload_device=torch.device("cpu"),
-                                   offload_type="leaf_level", use_stream=True)
-        return
-    raise SettingError("offload none, model or sequential", repr(mode), "Pick one of the listed values.")
-
-
-def _has_8bit(module: torch.nn.Module) -> bool:
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return False
-    return any(isinstance(m, bnb.nn.Linear8bitLt) for m in module.modules())
 
 
 # ------------------------------------------------------------------------------------------------ inpaint

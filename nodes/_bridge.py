@@ -286,3 +286,140 @@ def acquire_flux_fill(handle: FluxFillHandle) -> fill.FluxFillModel:
 
 def images_out(t: torch.Tensor) -> torch.Tensor:
     return t.clamp(0.0, 1.0).float().cpu()
+
+
+# ------------------------------------------------------------------------------------ background removal
+
+
+def bg_remover_choices() -> list[str]:
+    """The remover loader's `model` combo: .onnx / .safetensors / .pth files in models/background_removal."""
+    from ..atelier import masker
+
+    return [n for n in folder_paths.get_filename_list("background_removal")
+            if Path(n).suffix.lower() in masker.MODEL_EXTENSIONS]
+
+
+def bg_remover_path(name: str) -> str:
+    path = folder_paths.get_full_path("background_removal", name) if name else None
+    if path is None:
+        roots = ", ".join(folder_paths.get_folder_paths("background_removal"))
+        raise ModelFileError(f"the model '{name}' in models/background_removal ({roots})", "no such file",
+                             "Put the file there (e.g. u2net.onnx, isnet-general-use.onnx, BiRefNet or RMBG-2.0 "
+                             "model.safetensors) and refresh (R).")
+    return path
+
+
+def bg_remover_fingerprint(name: str):
+    """Size and mtime of the chosen file: replacing it under the same name reruns the loader."""
+    from ..atelier import masker
+
+    path = folder_paths.get_full_path("background_removal", name) if name else None
+    return (name, masker.file_stamp(path) if path else None)
+
+
+def acquire_bg_remover(spec):
+    """The loaded remover for ``spec`` (atelier.masker.BgRemoverSpec): reloaded if ComfyUI released it."""
+    from ..atelier import masker
+
+    return acquire(spec, lambda: masker.load(spec), "bg_remover", lambda: masker.vram_estimate(spec))
+
+
+# ------------------------------------------------------------------------------------------------ SAM2
+
+
+def sam2_choices() -> list[str]:
+    """The SAM2 loader's `model` combo: .pt / .safetensors files under models/sam2 (extra_model_paths too)."""
+    return [n for n in folder_paths.get_filename_list("sam2") if n.lower().endswith((".pt", ".safetensors"))]
+
+
+def sam2_path(name: str) -> str:
+    path = folder_paths.get_full_path("sam2", name)
+    if path is None:
+        raise ModelFileError(f"the SAM2 checkpoint '{name}' in models/sam2", "no such file",
+                             "Put sam2.1_hiera_*.pt (or .safetensors) in models/sam2, refresh (R) and pick it.")
+    return path
+
+
+def sam2_fingerprint(name: str):
+    """Size and mtime of the chosen checkpoint: replacing it under the same name reruns the loader."""
+    path = folder_paths.get_full_path("sam2", name) if name else None
+    try:
+        st = os.stat(path) if path else None
+    except OSError:
+        st = None
+    return (name, st.st_size, st.st_mtime_ns) if st else (name, None)
+
+
+# ------------------------------------------------------------------------------------------ VLM captioner
+
+
+def llm_roots() -> list[str]:
+    """Every models/LLM folder (extra_model_paths.yaml included): the captioner's model folders live there."""
+    return list(folder_paths.get_folder_paths("LLM"))
+
+
+# ------------------------------------------------------------------------------------ layers (Qwen-Image-Layered)
+
+Layered = io.Custom("ATELIER_LAYERED")
+
+
+def layered_choices() -> list[str]:
+    """The layered loader's `model` combo: diffusers folders whose model_index.json names QwenImageLayeredPipeline."""
+    from ..atelier import layers
+
+    return [DIFFUSERS_PREFIX + name for name, path in _diffusers_folders()
+            if layers.pipeline_class_name(path) == layers.PIPELINE_CLASS]
+
+
+def layered_folder(model: str) -> str:
+    """The loader's combo value → the folder's path."""
+    name = model[len(DIFFUSERS_PREFIX):] if model.startswith(DIFFUSERS_PREFIX) else model
+    for found, path in _diffusers_folders():
+        if found == name:
+            return str(path)
+    raise ModelFileError(f"the diffusers folder '{name}' under models/diffusers (a QwenImageLayeredPipeline)",
+                         "no such folder", "Put Qwen/Qwen-Image-Layered (the whole folder) in models/diffusers, "
+                                           "then refresh (R) and pick it.")
+
+
+def acquire_layered(handle):
+    """The loaded Qwen-Image-Layered pipeline for ``handle``: reloaded if ComfyUI released it."""
+    from ..atelier import layers
+
+    def need() -> int:
+        _, _, _, fp = layers.resolve(handle.spec, free_vram())
+        return fill.resident_vram(handle.offload, fp)
+
+    return acquire(handle.spec, lambda: layers.load(handle.spec, offload=handle.offload), "layered", need)
+
+
+class StopAwareProgress(ComfyProgress):
+    """ComfyProgress that can also be asked, between steps, whether the user pressed Stop (token loops)."""
+
+    def check(self) -> None:
+        mm.throw_exception_if_processing_interrupted()
+
+
+@contextmanager
+def stop_aware_progress(total: int):
+    yield StopAwareProgress(total)
+
+
+def output_dir() -> str:
+    return folder_paths.get_output_directory()
+
+
+def input_dir() -> str:
+    return folder_paths.get_input_directory()
+
+
+def temp_dir() -> str:
+    return folder_paths.get_temp_directory()
+
+
+def saved_file(path, folder_type: str) -> dict:
+    """{filename, subfolder, type} of a file under ComfyUI's output/temp/input folder (what /view serves)."""
+    root = {"output": output_dir(), "temp": temp_dir(), "input": input_dir()}[folder_type]
+    rel = os.path.relpath(os.path.realpath(path), os.path.realpath(root))
+    sub, name = os.path.split(rel)
+    return {"filename": name, "subfolder": sub.replace(os.sep, "/"), "type": folder_type}

@@ -1,0 +1,558 @@
+"""Background removal: the rembg family of ONNX models through onnxruntime, BiRefNet / RMBG-2.0 through torch.
+
+``load(spec)`` builds a :class:`BgRemoverModel` from one file; ``remove(model, image, ...)`` returns the object on
+black (IMAGE) and its alpha (MASK). Both are plain functions over torch tensors in ComfyUI's conventions, tested
+without ComfyUI.
+
+ONNX models (u²-net, u²-net-p, u²-net human seg, silueta, ISNet general / anime, BiRefNet and BRIA RMBG-2.0
+exports) reproduce rembg's own pre- and post-processing for that model (``rembg/sessions/*.py``, rembg 2.0.x):
+the same LANCZOS resizes through Pillow, the same division by the image's brightest value, the same mean/std,
+the same first output, min-max normalisation and 8-bit mask, so a file gives the masks rembg gives.
+
+``.safetensors`` / ``.pth`` BiRefNet and RMBG-2.0 checkpoints are built by :mod:`atelier.birefnet` (our own
+architecture code, no remote code) and run in torch: resize to ``resolution``, ImageNet mean/std, sigmoid of the
+last prediction, resize back.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import AtelierError, InputError, ModelFileError, SettingError
+from .images import check_image, to_bchw
+from .memory import GiB, dtype_name, is_cuda, resolve_dtype
+from .progress import NullProgress, Progress
+
+log = logging.getLogger("atelier")
+
+ONNX_EXTENSIONS = (".onnx",)
+TORCH_EXTENSIONS = (".safetensors", ".pth")
+MODEL_EXTENSIONS = ONNX_EXTENSIONS + TORCH_EXTENSIONS
+DEVICES: tuple[str, ...] = ("auto", "cpu")
+MULTIPLE = 32  # models whose input size is free take sides that are multiples of this (5 stride-2 stages)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# ------------------------------------------------------------------------------------------------ families
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one kind of model wants its input and what its output means (numbers from rembg's sessions)."""
+
+    key: str
+    label: str
+    size: int  # rembg's input side
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    sigmoid: bool  # the first output is logits (rembg applies a sigmoid before min-max)
+    rembg: str  # the rembg session(s) whose processing this reproduces
+
+
+FAMILIES: dict[str, Family] = {f.key: f for f in (
+    Family("u2net", "U²-Net (u2net, u2netp, u2net_human_seg, silueta)", 320, IMAGENET_MEAN, IMAGENET_STD, False,
+           "u2net, u2netp, u2net_human_seg, silueta, u2net_custom"),
+    Family("isnet-general", "ISNet general use (DIS)", 1024, (0.5, 0.5, 0.5), (1.0, 1.0, 1.0), False,
+           "isnet-general-use, dis_custom"),
+    Family("isnet-anime", "ISNet anime", 1024, IMAGENET_MEAN, (1.0, 1.0, 1.0), False, "isnet-anime"),
+    Family("birefnet", "BiRefNet", 1024, IMAGENET_MEAN, IMAGENET_STD, True, "birefnet-*"),
+    Family("bria-rmbg", "BRIA RMBG-2.0 (ONNX)", 1024, IMAGENET_MEAN, IMAGENET_STD, False, "bria-rmbg"),
+)}
+FAMILY_CHOICES: tuple[str, ...] = ("auto", *FAMILIES)
+
+_NAME_HINT = ("u2net / u2netp / silueta (U²-Net), isnet (ISNet general), anime (ISNet anime), birefnet, "
+              "rmbg-2.0 / bria (RMBG-2.0), rmbg-1.4 (ISNet-based)")
+
+
+def _has_token(name: str, token: str) -> bool:
+    return re.search(rf"(^|[^a-z0-9]){token}([^a-z0-9]|$)", name) is not None
+
+
+def family_from_name(file_name: str) -> str | None:
+    """The family a file name announces (rembg's and the model authors' usual names), or None."""
+    n = Path(file_name).name.lower()
+    if "cloth" in n:
+        raise ModelFileError(
+            "a background-removal model (one foreground mask)", f"'{Path(file_name).name}' (u2net_cloth_seg: "
+            "three garment masks)", "Use u2net / isnet / BiRefNet for background removal.")
+    if _has_token(n, "sam"):
+        raise ModelFileError("a background-removal model (one foreground mask)",
+                             f"'{Path(file_name).name}' (a Segment Anything model: needs points or boxes)",
+                             "Use Atelier's SAM2 nodes for prompted segmentation.")
+    if "anime" in n:
+        return "isnet-anime"
+    if "birefnet" in n:
+        return "birefnet"
+    if "rmbg" in n or "bria" in n:
+        return "isnet-general" if re.search(r"1[._-]?4", n) else "bria-rmbg"
+    if "isnet" in n or _has_token(n, "dis"):
+        return "isnet-general"
+    if "u2net" in n or "silueta" in n:
+        return "u2net"
+    return None
+
+
+def family_from_graph(input_name: str, input_shape: list[Any], n_outputs: int) -> str | None:
+    """The family an ONNX graph's signature shows (input name and size, output count), or None if unclear.
+
+    Known signatures: u²-net family exports take 320×320 ('input.1', 7 outputs); ISNet takes 1024×1024 with six
+    side outputs (and sometimes its feature maps); BiRefNet's export names its input 'input_image'; BRIA's RMBG-2.0
+    export names it 'pixel_values'.
+    """
+    h, w = _fixed_hw(input_shape)
+    if h == w == 320:
+        return "u2net"
+    if input_name == "input_image":
+        return "birefnet"
+    if input_name == "pixel_values":
+        return "bria-rmbg"
+    if h == w == 1024 and n_outputs >= 2:
+        return "isnet-general"
+    return None
+
+
+def _fixed_hw(shape: list[Any]) -> tuple[int | None, int | None]:
+    if len(shape) != 4:
+        return None, None
+    h, w = shape[2], shape[3]
+    return (h if isinstance(h, int) and h > 0 else None), (w if isinstance(w, int) and w > 0 else None)
+
+
+# -------------------------------------------------------------------------------------------- spec, handle
+
+
+@dataclass(frozen=True)
+class BgRemoverSpec:
+    """Everything that decides how a remover is built; equal specs share one loaded model.
+
+    ``device`` is where it runs; ``memory_device`` (ComfyUI's device; default: ``device``) is whose memory
+    manager owns it, so that Unload / POST /free release a model that runs on the CPU of a GPU machine too.
+    ``stamp`` (size, mtime) makes a file replaced under the same name a new model.
+    """
+
+    path: str
+    family: str = "auto"
+    dtype: str = "auto"
+    device: str = "cpu"
+    stamp: tuple[int, int] = (0, 0)
+    memory_device: str = ""
+
+
+@dataclass(frozen=True)
+class BgRemoverHandle:
+    """What the loader node outputs (ATELIER_BG_REMOVER): the spec and what loading it found."""
+
+    spec: BgRemoverSpec
+    family: str
+    backend: str  # onnxruntime / torch
+    resolution: int  # the model's default input side
+    fixed: bool  # the input side cannot change (fixed in the ONNX graph)
+
+
+def file_stamp(path: str) -> tuple[int, int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (0, 0)
+    return (st.st_size, st.st_mtime_ns)
+
+
+def make_spec(path: str, family: str = "auto", dtype: str = "auto", device: str = "cpu",
+              memory_device: str | None = None) -> BgRemoverSpec:
+    check_file(path)
+    if family not in FAMILY_CHOICES:
+        raise SettingError(f"family one of {', '.join(FAMILY_CHOICES)}", repr(family), "Pick one of the listed values.")
+    resolve_dtype(dtype, device)  # raises on an unknown dtype
+    return BgRemoverSpec(path=str(path), family=family, dtype=dtype, device=str(device), stamp=file_stamp(path),
+                         memory_device=str(memory_device or device))
+
+
+def check_file(path: str) -> None:
+    name = Path(path).name
+    if not os.path.isfile(path):
+        raise ModelFileError(f"the background-removal model file '{name}'", "no such file",
+                             "Put the model in models/background_removal and refresh (R).")
+    if Path(path).suffix.lower() not in MODEL_EXTENSIONS:
+        raise ModelFileError(f"a background-removal model ({', '.join(MODEL_EXTENSIONS)})", f"'{name}'",
+                             "Use an .onnx model of the rembg family or a BiRefNet / RMBG-2.0 .safetensors file.")
+
+
+def handle_for(model: BgRemoverModel) -> BgRemoverHandle:
+    return BgRemoverHandle(spec=model.spec, family=model.family.key, backend=model.backend,
+                           resolution=model.resolution, fixed=model.fixed_size is not None)
+
+
+def handle_summary(handle: BgRemoverHandle, notes: list[str] | None = None) -> str:
+    fam = FAMILIES[handle.family]
+    size = f"{handle.resolution}×{handle.resolution}" + (" (fixed)" if handle.fixed else " (default)")
+    return (f"{Path(handle.spec.path).name}: {fam.label} via {handle.backend}, input {size}"
+            + "".join(f"\n{n}" for n in notes or []))
+
+
+def vram_estimate(spec: BgRemoverSpec) -> int:
+    """Bytes to free on the GPU before loading (weights + 1024² activations); 0 when it will run on the CPU."""
+    if not is_cuda(spec.device):
+        return 0
+    size = file_stamp(spec.path)[0]
+    if Path(spec.path).suffix.lower() in ONNX_EXTENSIONS and not _onnx_cuda_available():
+        return 0
+    return size + int(1.5 * GiB)
+
+
+# ---------------------------------------------------------------------------------------------- the models
+
+
+@dataclass
+class BgRemoverModel:
+    """A loaded remover. Subclasses run one image and return its mask at the image's size.
+
+    ``run_device``: where it computes. ``device`` and ``resident_bytes``: what ComfyUI's memory management counts
+    (the spec's memory device; bytes held on a GPU, 0 when it runs on the CPU).
+    """
+
+    spec: BgRemoverSpec
+    family: Family
+    backend: str
+    run_device: torch.device
+    resolution: int
+    fixed_size: int | None = None
+    resident_bytes: int = 0
+    notes: list[str] = field(default_factory=list)
+    load_seconds: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return Path(self.spec.path).name
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.spec.memory_device or self.spec.device)
+
+    def check_resolution(self, resolution: int) -> int:
+        """The input side to run at: ``resolution``, or the model's default for 0."""
+        resolution = int(resolution)
+        if resolution == 0:
+            return self.resolution
+        if self.fixed_size is not None and resolution != self.fixed_size:
+            raise InputError(
+                f"resolution 0 or {self.fixed_size} for '{self.name}' (its ONNX graph takes only "
+                f"{self.fixed_size}×{self.fixed_size} input)", str(resolution),
+                "Set resolution to 0 (the model's default).")
+        if resolution < MULTIPLE or resolution % MULTIPLE:
+            raise InputError(f"resolution 0 (the model's default, {self.resolution}) or a multiple of {MULTIPLE}",
+                             str(resolution), f"Try {max(MULTIPLE, round(resolution / MULTIPLE) * MULTIPLE)}.")
+        return resolution
+
+    def predict(self, image: torch.Tensor, resolution: int) -> torch.Tensor:  # pragma: no cover - abstract
+        """One image (HWC float in [0, 1]) → its alpha (HW float in [0, 1]) at the same size."""
+        raise NotImplementedError
+
+    def close(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def load(spec: BgRemoverSpec) -> BgRemoverModel:
+    check_file(spec.path)
+    t0 = time.perf_counter()
+    if Path(spec.path).suffix.lower() in ONNX_EXTENSIONS:
+        model: BgRemoverModel = _load_onnx(spec)
+    else:
+        model = _load_torch(spec)
+    model.load_seconds = time.perf_counter() - t0
+    log.info("Atelier: background remover ready in %.1f s: %s, %s via %s on %s, input %d%s%s",
+             model.load_seconds, model.name, model.family.label, model.backend, model.run_device, model.resolution,
+             " (fixed)" if model.fixed_size else "", "".join(f"; {n}" for n in model.notes))
+    return model
+
+
+# ------------------------------------------------------------------------------------------------- ONNX
+
+
+def _onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise SettingError("the Python package onnxruntime for .onnx background-removal models",
+                           "an environment without it", "pip install onnxruntime (or onnxruntime-gpu).") from e
+    return onnxruntime
+
+
+def _onnx_cuda_available() -> bool:
+    try:
+        return "CUDAExecutionProvider" in _onnxruntime().get_available_providers()
+    except SettingError:
+        return False
+
+
+@dataclass
+class OnnxRemover(BgRemoverModel):
+    session: Any = None
+    input_name: str = ""
+    output_name: str = ""
+
+    def predict(self, image: torch.Tensor, resolution: int) -> torch.Tensor:
+        if self.session is None:
+            raise SettingError("a loaded background remover", "one that was released", "Queue the prompt again.")
+        rgb = to_uint8(image)
+        x = rembg_input(rgb, resolution, self.family.mean, self.family.std)
+        out = self.session.run([self.output_name], {self.input_name: x})[0]
+        mask = rembg_mask(out, self.family.sigmoid, (rgb.shape[1], rgb.shape[0]))
+        if mask is None:
+            log.warning("Atelier: %s returned the same value everywhere: empty mask", self.name)
+            return torch.zeros(rgb.shape[:2])
+        return torch.from_numpy(mask.astype(np.float32) / 255.0)
+
+    def close(self) -> None:
+        self.session = None
+
+
+def _load_onnx(spec: BgRemoverSpec) -> OnnxRemover:
+    ort = _onnxruntime()
+    name = Path(spec.path).name
+    notes: list[str] = []
+    providers: list[Any] = ["CPUExecutionProvider"]
+    want_cuda = is_cuda(spec.device)
+    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    if want_cuda:
+        if has_cuda:
+            index = torch.device(spec.device).index or 0
+            providers = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+        else:
+            notes.append("runs on the CPU: this onnxruntime has no CUDA provider (pip install onnxruntime-gpu "
+                         "for the GPU)")
+    if spec.dtype != "auto":
+        notes.append(f"dtype {spec.dtype} ignored: an ONNX model runs in its graph's precision")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    # threads sleep between operators instead of spinning: ComfyUI's process shares the CPU (same results)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        session = ort.InferenceSession(spec.path, sess_options=opts, providers=providers)
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own pybind exception types
+        raise ModelFileError(f"an ONNX model that onnxruntime can read in '{name}'",
+                             f"a file it rejects ({type(e).__name__}: {_first_line(e)})",
+                             "The file is damaged, incomplete or not ONNX; download it again or pick another "
+                             "file.") from e
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1 or len(inputs[0].shape) != 4 or not outputs:
+        raise ModelFileError(f"a background-removal ONNX model in '{name}' (one image input [1, 3, H, W])",
+                             f"inputs {[(i.name, i.shape) for i in inputs]}",
+                             "Use a model of the rembg family (u2net, isnet, BiRefNet, RMBG-2.0).")
+    inp = inputs[0]
+    if inp.type not in ("tensor(float)",):
+        raise ModelFileError(f"an ONNX model with a float32 image input in '{name}'", f"input type {inp.type}",
+                             "Use the float32-input export of the model (rembg's files are).")
+    family_key = spec.family if spec.family != "auto" else None
+    how = "chosen"
+    if family_key is None:
+        family_key, how = family_from_name(name), "from its name"
+    if family_key is None:
+        family_key, how = family_from_graph(inp.name, list(inp.shape), len(outputs)), "from its graph"
+    if family_key is None:
+        raise ModelFileError(
+            f"an ONNX model Atelier can recognise in '{name}'",
+            f"input '{inp.name}' {list(inp.shape)} with {len(outputs)} output(s), and a file name that names no "
+            "known model", f"Rename the file so its name says what it is: {_NAME_HINT}.")
+    family = FAMILIES[family_key]
+    h, w = _fixed_hw(list(inp.shape))
+    fixed = None
+    if h is not None or w is not None:
+        if h != w or h is None:
+            raise ModelFileError(f"an ONNX model with a square input in '{name}'", f"input {list(inp.shape)}",
+                                 "Export the model with a square (or dynamic) input size.")
+        fixed = h
+        if fixed != family.size:
+            notes.append(f"the graph's input is {fixed}×{fixed} (rembg's {family.key} is {family.size})")
+    device = torch.device(spec.device) if want_cuda and "CUDAExecutionProvider" in session.get_providers() \
+        else torch.device("cpu")
+    if want_cuda and has_cuda and device.type == "cpu":
+        notes.append("runs on the CPU: onnxruntime could not start its CUDA provider (CUDA/cuDNN libraries)")
+    log.info("Atelier: %s is %s (%s)", name, family.label, how)
+    return OnnxRemover(spec=spec, family=family, backend="onnxruntime", run_device=device,
+                       resolution=fixed or family.size, fixed_size=fixed,
+                       resident_bytes=file_stamp(spec.path)[0] if device.type == "cuda" else 0, notes=notes,
+                       session=session, input_name=inp.name, output_name=outputs[0].name)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:300]
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """HWC float in [0, 1] → HWC uint8, rounding (LoadImage's x/255 comes back exactly)."""
+    return np.clip(np.rint(image.detach().float().cpu().numpy() * 255.0), 0, 255).astype(np.uint8)
+
+
+def rembg_input(rgb: np.ndarray, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """rembg's ``BaseSession.normalize``: LANCZOS resize, divide by the brightest value, (x - mean) / std.
+
+    Same operations in the same precision (Pillow on uint8, then float64 numpy, float32 at the end).
+    """
+    from PIL import Image
+
+    im = Image.fromarray(rgb, "RGB").resize((size, size), Image.Resampling.LANCZOS)
+    a = np.array(im)
+    a = a / max(np.max(a), 1e-6)
+    x = (a - np.asarray(mean, dtype=np.float64)) / np.asarray(std, dtype=np.float64)
+    return np.expand_dims(x.transpose((2, 0, 1)), 0).astype(np.float32)
+
+
+def rembg_mask(output: np.ndarray, sigmoid: bool, size: tuple[int, int]) -> np.ndarray | None:
+    """rembg's post-processing of the first output: [sigmoid], min-max, 8-bit, LANCZOS to ``size`` (w, h).
+
+    None when the prediction is constant (rembg would divide by zero).
+    """
+    from PIL import Image
+
+    pred = output[:, 0, :, :]
+    if sigmoid:
+        pred = 1 / (1 + np.exp(-pred))
+    ma, mi = np.max(pred), np.min(pred)
+    if not np.isfinite(ma) or not np.isfinite(mi) or ma - mi <= 0:
+        return None
+    pred = np.squeeze((pred - mi) / (ma - mi))
+    mask = Image.fromarray((pred.clip(0, 1) * 255).astype(np.uint8))
+    return np.asarray(mask.resize(size, Image.Resampling.LANCZOS))
+
+
+# ------------------------------------------------------------------------------------------------ torch
+
+
+def _birefnet_module(name: str):
+    """atelier.birefnet, imported when a checkpoint needs it."""
+    try:
+        return importlib.import_module(".birefnet", __package__)
+    except ModuleNotFoundError as e:
+        if e.name not in (f"{__package__}.birefnet", None):
+            raise
+        raise ModelFileError(
+            f"Atelier's BiRefNet architecture (atelier/birefnet.py) to run '{name}'", "an Atelier without it",
+            "Update Atelier, or use an ONNX export of the model (e.g. BiRefNet-general-epoch_244.onnx, "
+            "bria-rmbg-2.0.onnx) in models/background_removal.") from e
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    name = Path(path).name
+    try:
+        if path.lower().endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - safetensors/pickle errors are many
+        raise ModelFileError(f"a readable checkpoint in '{name}'", f"a file that cannot be read "
+                             f"({type(e).__name__}: {_first_line(e)})",
+                             "The file is damaged or incomplete; download it again.") from e
+    for wrapper in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelFileError(f"a state dict (name → tensor) in '{name}'", f"a {type(state).__name__}",
+                             "Use the official BiRefNet / RMBG-2.0 checkpoint.")
+    return state
+
+
+@dataclass
+class TorchRemover(BgRemoverModel):
+    module: Any = None
+    dtype: torch.dtype = torch.float32
+
+    def predict(self, image: torch.Tensor, resolution: int) -> torch.Tensor:
+        if self.module is None:
+            raise SettingError("a loaded background remover", "one that was released", "Queue the prompt again.")
+        return birefnet_alpha(self.module, image, resolution, self.run_device, self.dtype)
+
+    def close(self) -> None:
+        self.module = None
+
+
+def birefnet_alpha(module: torch.nn.Module, image: torch.Tensor, resolution: int, device: torch.device,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """BiRefNet / RMBG-2.0 on one HWC image: resize to ``resolution`` (bilinear, antialiased), ImageNet
+    mean/std, the last prediction's sigmoid, bilinear back to the image's size. Returns HW float on the CPU."""
+    import torch.nn.functional as F
+
+    h, w = image.shape[0], image.shape[1]
+    x = to_bchw(image[None].float()).to(device)
+    x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    x = ((x - mean) / std).to(dtype)
+    with torch.inference_mode():
+        out = module(x)
+    if isinstance(out, (list, tuple)):
+        out = out[-1]
+    prob = out.float().sigmoid()
+    prob = F.interpolate(prob, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+    return prob[0, 0].clamp(0.0, 1.0).cpu()
+
+
+def _load_torch(spec: BgRemoverSpec) -> TorchRemover:
+    name = Path(spec.path).name
+    arch = _birefnet_module(name)
+    state = read_state_dict(spec.path)
+    keys = list(state)
+    if not arch.is_birefnet_state_dict(keys):
+        raise ModelFileError(f"a BiRefNet / RMBG-2.0 checkpoint with the official key names in '{name}'",
+                             f"{len(keys)} tensors named like {', '.join(keys[:3])}",
+                             "Use BiRefNet's or RMBG-2.0's model.safetensors as published, or an .onnx model.")
+    if spec.family not in ("auto", "birefnet"):
+        raise SettingError(f"family auto or birefnet for the checkpoint '{name}'", repr(spec.family),
+                           ".safetensors/.pth files are BiRefNet-architecture models.")
+    device = torch.device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    try:
+        module = arch.build_birefnet(state)
+    except AtelierError:
+        raise
+    except Exception as e:  # noqa: BLE001 - shape mismatches and the like: name the file
+        raise ModelFileError(f"a BiRefNet / RMBG-2.0 checkpoint whose tensors fit the architecture in '{name}'",
+                             f"{type(e).__name__}: {_first_line(e)}",
+                             "Use the official model.safetensors (BiRefNet general or RMBG-2.0).") from e
+    del state
+    module = module.eval().to(device=device, dtype=dtype)
+    size = sum(p.numel() * p.element_size() for p in module.parameters())
+    return TorchRemover(spec=spec, family=FAMILIES["birefnet"], backend="torch", run_device=device,
+                        resolution=1024, resident_bytes=size if device.type == "cuda" else 0,
+                        notes=[f"dtype {dtype_name(dtype)}"], module=module, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------------- run
+
+
+def remove(model: BgRemoverModel, image: torch.Tensor, resolution: int = 0, mask_threshold: float = 0.0,
+           progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut the main object out of each image. IMAGE BHWC in; (object on black IMAGE BHWC, alpha MASK BHW) out.
+
+    ``resolution`` 0 = the model's own input size. ``mask_threshold`` 0 = soft alpha; above 0 the mask is 1 where
+    alpha ≥ threshold and 0 elsewhere. One progress step (a Stop point) per image.
+    """
+    progress = progress or NullProgress()
+    image = check_image(image)
+    side = model.check_resolution(resolution)
+    threshold = float(mask_threshold)
+    if not 0.0 <= threshold <= 1.0:
+        raise InputError("mask_threshold between 0 (soft alpha) and 1", str(mask_threshold), "Try 0.5.")
+    masks = []
+    for i in range(image.shape[0]):
+        alpha = model.predict(image[i], side)
+        masks.append(alpha)
+        progress.step(1)
+    mask = torch.stack(masks).float()
+    if threshold > 0.0:
+        mask = (mask >= threshold).float()
+    return image * mask.unsqueeze(-1), mask
