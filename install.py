@@ -11,7 +11,7 @@ import sys
 
 log = logging.getLogger("atelier.install")
 
-MINIMUM = {"diffusers": "0.35.0", "transformers": "4.50.0", "accelerate": "1.0.0", "safetensors": "0.4.2"}
+MINIMUM = {"diffusers": "0.36.0", "transformers": "4.50.0", "accelerate": "1.0.0", "safetensors": "0.4.2"}
 
 
 def _version(name: str) -> str | None:

@@ -184,6 +184,16 @@ def apply_settings(model: LoadedPipeline) -> None:
         pipe.transformer.compile(fullgraph=False, dynamic=False)
 
 
+def _pin_parameterless_buffers(module: torch.nn.Module, device: torch.device) -> None:
+    """Group offloading streams layers with weights; buffers of weightless modules (rotary ``inv_freq``) would stay
+    on the CPU and meet CUDA tensors (transformers' Qwen2.5-VL under generate). They are tiny: keep them on the GPU."""
+    for sub in module.modules():
+        if next(sub.parameters(recurse=False), None) is None:
+            for name, buf in list(sub.named_buffers(recurse=False)):
+                if buf is not None and buf.device != device:
+                    sub._buffers[name] = buf.to(device)
+
+
 def apply_offload(model: LoadedPipeline) -> None:
     pipe, mode, device = model.pipe, model.offload, model.device
     modules = {n: m for n, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
@@ -211,5 +221,6 @@ def apply_offload(model: LoadedPipeline) -> None:
                 continue
             apply_group_offloading(m, onload_device=device, offload_device=torch.device("cpu"),
                                    offload_type="leaf_level", use_stream=True)
+            _pin_parameterless_buffers(m, device)
         return
     raise SettingError("offload none, model or sequential", repr(mode), "Pick one of the listed values.")
