@@ -234,3 +234,49 @@ def test_object_compositing_sam2_workflow_end_to_end(client, models, pictures, s
     [sam_mask] = [m[..., 0] for m in client.images(entry, "107")]  # SAM2's masks are 0/1: the PNG is exact
     assert set(np.unique(sam_mask)) <= {0, 255} and sam_mask.shape == tiny_sam2.example_image().shape[:2]
     check_run(client, api, entry, probes, bbox(sam_mask > 0), server_log, mark)
+
+
+# ------------------------------------------------------------------------------- the per-stage workflows
+
+
+def test_caption_only_workflow_runs(client, models, pictures):
+    api = load_api_workflow(API_DIR / "caption_only.json")
+    vlm, cap = node(api, "AtelierVLMLoader"), node(api, "AtelierCaption")
+    assert api[vlm]["inputs"]["model"] == "Qwen2.5-VL-3B-Instruct"
+    api[vlm]["inputs"]["model"] = VLM_CHOICE
+    api[cap]["inputs"].update(max_new_tokens=12, seed=3)  # seed: see shrink_models
+    shows = {api[k]["inputs"]["source"][1]: k for k, n in api.items() if n["class_type"] == "PreviewAny"}
+    assert sorted(shows) == [0, 1], "one Preview as Text per caption output"
+    entry = run_ok(client, api)
+    [prompt] = entry["outputs"][shows[0]]["text"]
+    [analysis] = entry["outputs"][shows[1]]["text"]
+    assert prompt.strip() and entry["outputs"][cap]["text"] == [f"{prompt}\n\n{analysis}"]
+    assert {"scene", "lighting", "palette", "placement", "found"} <= set(json.loads(analysis))
+
+
+def test_remove_background_workflow_runs(client, models, pictures):
+    api = load_api_workflow(API_DIR / "remove_background.json")
+    assert api[node(api, "AtelierBackgroundRemoverLoader")]["inputs"]["model"] == U2NETP  # runs as shipped
+    cut = node(api, "AtelierRemoveBackground")
+    [save_object] = [k for k, n in api.items() if n["class_type"] == "SaveImage" and n["inputs"]["images"] == [cut, 0]]
+    [save_mask] = [k for k, n in api.items() if n["class_type"] == "SaveImage" and k != save_object]
+    entry = run_ok(client, api)
+    [obj] = client.images(entry, save_object)
+    [mask] = client.images(entry, save_mask)
+    silhouette = rw.synthetic_object()[1]
+    assert rw.iou(mask[..., 0] >= 128, silhouette) > 0.9  # the vase, cut out
+    assert (obj[..., :3][mask[..., 0] == 0] == 0).all()  # on black
+
+
+def test_sam2_points_workflow_runs(client, models, pictures):
+    api = load_api_workflow(API_DIR / "sam2_points.json")
+    loader, seg = node(api, "AtelierSAM2Loader"), node(api, "AtelierSAM2Segment")
+    assert api[loader]["inputs"]["model"] == "sam2.1_hiera_large.pt"
+    api[loader]["inputs"]["model"] = SAM2_CHOICE
+    assert json.loads(api[seg]["inputs"]["points"]) and json.loads(api[seg]["inputs"]["negative_points"])
+    # the file's clicks are for a 640×480 photo; these sit on the 64×48 example's disc and background
+    api[seg]["inputs"].update(points='[{"x": 20, "y": 22}, {"x": 24, "y": 20}]', negative_points='[{"x": 60, "y": 4}]')
+    entry = run_ok(client, api)
+    [mask] = client.images(entry, node(api, "SaveImage"))
+    assert mask.shape[:2] == tiny_sam2.example_image().shape[:2]
+    assert set(np.unique(mask[..., 0])) <= {0, 255}
