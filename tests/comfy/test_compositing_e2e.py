@@ -6,6 +6,7 @@ real models (Qwen2.5-VL-3B-Instruct, FLUX.1-Fill-dev, sam2.1_hiera_large.pt: gig
 ones and cut steps / tokens, and add probe nodes (Preview as Text, MaskToImage -> SaveImage) to read what flows
 between the stages. Checked: the run succeeds; the object lands on the rectangle the VLM's analysis asks for
 (x = y = -1); FLUX Fill keeps every pixel outside the inpaint mask; FLUX Fill got exactly the captioner's prompt.
+Then the per-stage workflows (caption_only, remove_background, sam2_points) run as shipped, models swapped.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ SAM2_BOX = [6, 8, 34, 36]  # around the yellow disc of tiny_sam2.example_image()
 
 @pytest.fixture(scope="module")
 def models(comfy_base, tiny_flux) -> dict:
-    """Every model the two workflows load, at toy size, in the server's models/ tree."""
+    """Every model the workflows load, at toy size (u²-net-p: the real file), in the server's models/ tree."""
     root = comfy_base / "models"
     tiny_vlm.build("qwen2_5_vl", root / "LLM" / VLM_CHOICE)
     u2netp = rw.u2netp_onnx()
@@ -130,9 +131,9 @@ def expected_rect(analysis: str, obj_box: tuple[int, int, int, int], scale: floa
     standing on its bottom edge, height = scale × background height, the object's aspect kept."""
     region = json.loads(analysis)["placement"]
     cx, ground = region["x"] + region["w"] / 2, region["y"] + region["h"]
-    l, t, r, b = obj_box
+    x0, y0, x1, y1 = obj_box
     height = max(1, round(scale * BH))
-    width = max(1, round((r - l) * height / (b - t)))
+    width = max(1, round((x1 - x0) * height / (y1 - y0)))
     left, top = round(cx * BW - width / 2), round(ground * BH - height)
     return left, top, left + width, top + height
 
@@ -174,9 +175,9 @@ def check_run(client, api, entry, probes, obj_box, server_log, mark) -> tuple[np
     assert np.array_equal(out[keep], composite[keep]), "FLUX Fill changed pixels outside the inpaint mask"
     assert not np.array_equal(out[~keep], composite[~keep]), "FLUX Fill did not repaint the inpaint mask"
     # the composite itself: the scene, untouched, outside the object's rectangle (a pixel of margin for rounding)
-    l, t, r, b = want
+    x0, y0, x1, y1 = want
     outside = np.ones((BH, BW), bool)
-    outside[max(t - 1, 0) : b + 1, max(l - 1, 0) : r + 1] = False
+    outside[max(y0 - 1, 0) : y1 + 1, max(x0 - 1, 0) : x1 + 1] = False
     assert np.array_equal(composite[outside], background()[outside])
     return out, prompt
 
