@@ -16,6 +16,7 @@ last prediction, resize back.
 
 from __future__ import annotations
 
+import abc
 import importlib
 import logging
 import os
@@ -215,7 +216,7 @@ def vram_estimate(spec: BgRemoverSpec) -> int:
 
 
 @dataclass
-class BgRemoverModel:
+class BgRemoverModel(abc.ABC):
     """A loaded remover. Subclasses run one image and return its mask at the image's size.
 
     ``run_device``: where it computes. ``device`` and ``resident_bytes``: what ComfyUI's memory management counts
@@ -255,12 +256,13 @@ class BgRemoverModel:
                              str(resolution), f"Try {max(MULTIPLE, round(resolution / MULTIPLE) * MULTIPLE)}.")
         return resolution
 
-    def predict(self, image: torch.Tensor, resolution: int) -> torch.Tensor:  # pragma: no cover - abstract
+    @abc.abstractmethod
+    def predict(self, image: torch.Tensor, resolution: int) -> torch.Tensor:
         """One image (HWC float in [0, 1]) → its alpha (HW float in [0, 1]) at the same size."""
-        raise NotImplementedError
 
-    def close(self) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Drop the session / module so its memory can go."""
 
 
 def load(spec: BgRemoverSpec) -> BgRemoverModel:
