@@ -167,7 +167,7 @@ def run_one(model_dir: Path, quantization: str, offload: str, steps: int, resolu
                            prompt=prompt, language="en", progress=timer)
         torch.cuda.synchronize()
         row["job_s"] = round(time.perf_counter() - t1, 2)
-        per = [b - a for a, b in zip(timer.times, timer.times[1:], strict=True)]
+        per = [b - a for a, b in zip(timer.times, timer.times[1:])]
         row["step_s"] = round(sum(per) / len(per), 4) if per else None
         row["step_s_all"] = [round(x, 4) for x in per]
         row["peak_vram_gib"] = round(torch.cuda.max_memory_allocated() / GiB, 2)
