@@ -136,16 +136,12 @@ def run_one(model_dir: Path, quantization: str, offload: str, steps: int, size: 
         row["peak_vram_gib"] = round(torch.cuda.max_memory_allocated() / GiB, 2)
         row["finite"] = bool(torch.isfinite(out).all())
         del model, out
-        REGISTRY.release_all()
-        gc.collect()
-        torch.cuda.empty_cache()
+        free_cuda()
         row["vram_after_release_gib"] = round((torch.cuda.memory_allocated() - base) / GiB, 3)
     except Exception as e:  # noqa: BLE001 - a benchmark records failures as rows
         log.exception("setting %s/%s failed", quantization, offload)
         row["error"] = f"{type(e).__name__}: {e}"[:500]
-        REGISTRY.release_all()
-        gc.collect()
-        torch.cuda.empty_cache()
+        free_cuda()
     log.info("%s", json.dumps(row))
     return row
 
@@ -187,18 +183,29 @@ def main() -> None:
 
 
 def _write(a, rows: list) -> None:
-    import diffusers
-    import transformers
-
     doc = {
-        "gpu": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-        "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-        "bitsandbytes": _version("bitsandbytes"), "python": platform.python_version(), "size": a.size,
-        "steps": a.steps, "model": "FLUX.1-Fill-dev architecture, random bf16 weights (benchmarks/bench_flux_fill.py make)",
+        **environment(), "size": a.size, "steps": a.steps, "model": "FLUX.1-Fill-dev architecture, random bf16 weights (benchmarks/bench_flux_fill.py make)",
         "rows": rows,
     }
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(doc, indent=1))
+
+
+def free_cuda() -> None:
+    """Drop every loaded Atelier model and hand the cached VRAM back (between settings, after a failure too)."""
+    REGISTRY.release_all()
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def environment() -> dict:
+    """The GPU and package versions a results file records."""
+    import diffusers
+    import transformers
+
+    return {"gpu": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+            "bitsandbytes": _version("bitsandbytes"), "python": platform.python_version()}
 
 
 def _version(name: str) -> str | None:

@@ -25,7 +25,6 @@ import gc
 import json
 import logging
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -36,10 +35,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_flux_fill import StepTimer, _randomise, _version  # noqa: E402 - shared benchmark helpers
+from bench_flux_fill import StepTimer, _randomise, environment, free_cuda  # noqa: E402 - shared benchmark helpers
 
 from atelier import layers  # noqa: E402
-from atelier.registry import REGISTRY  # noqa: E402
 from tests.harness.tiny_layered import CHAT_TEMPLATE  # noqa: E402 - Qwen2-VL's multimodal chat template
 
 log = logging.getLogger("atelier.bench")
@@ -174,16 +172,12 @@ def run_one(model_dir: Path, quantization: str, offload: str, steps: int, resolu
         row["layer_size"] = list(out.layers.shape[1:3])
         row["finite"] = bool(torch.isfinite(out.layers).all() and torch.isfinite(out.alphas).all())
         del model, out
-        REGISTRY.release_all()
-        gc.collect()
-        torch.cuda.empty_cache()
+        free_cuda()
         row["vram_after_release_gib"] = round((torch.cuda.memory_allocated() - base) / GiB, 3)
     except Exception as e:  # noqa: BLE001 - a benchmark records failures as rows
         log.exception("setting %s/%s failed", quantization, offload)
         row["error"] = f"{type(e).__name__}: {e}"[:500]
-        REGISTRY.release_all()
-        gc.collect()
-        torch.cuda.empty_cache()
+        free_cuda()
     log.info("%s", json.dumps(row))
     return row
 
@@ -222,13 +216,8 @@ def main() -> None:
 
 
 def _write(a, rows: list) -> None:
-    import diffusers
-    import transformers
-
     doc = {
-        "gpu": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-        "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-        "bitsandbytes": _version("bitsandbytes"), "python": platform.python_version(),
+        **environment(),
         "job": f"{a.resolution} px bucket, {a.layers} layers, {a.steps} steps, true CFG 4 (2 passes per step)",
         "model": "Qwen-Image-Layered architecture, random bf16 weights (benchmarks/bench_layers.py make)",
         "anchor": "34.2 s for bf16 on one H200 (published)",
