@@ -225,4 +225,5 @@ def handle_summary(handle: FluxFillHandle) -> str:
     return (f"{Path(s.files.path).name}: {handle.dtype}, quantization {s.quantization}, offload {handle.offload}"
             f"{', attention slicing' if s.attention_slicing else ''}{', VAE slicing' if s.vae_slicing else ''}"
             f"{', VAE tiling' if s.vae_tiling else ''}"
-            f"{f', FirstBlockCache {s.first_block_cache:g}' if s.first_block_cache else ''}")
+            f"{f', FirstBlockCache {s.first_block_cache:g}' if s.first_block_cache else ''}"
+            f"{', compiled' if s.compile else ''}")

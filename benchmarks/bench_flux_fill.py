@@ -203,7 +203,7 @@ def environment() -> dict:
     import diffusers
     import transformers
 
-    return {"gpu": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+    return {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
             "diffusers": diffusers.__version__, "transformers": transformers.__version__,
             "bitsandbytes": _version("bitsandbytes"), "python": platform.python_version()}
 

@@ -89,9 +89,12 @@ def widget_inputs(ui_node: dict, info: dict) -> dict:
     values = list(ui_node.get("widgets_values") or [])
     where = f"{ui_node['type']} #{ui_node['id']}"
     out, i, uploads = {}, 0, 0
+    optional = set((info.get("input") or {}).get("optional") or {})
     for name, spec in input_specs(info):
         if not is_widget(spec):
             continue
+        if i >= len(values) and name in optional:
+            break  # saved before this optional input was added (new inputs go last): the frontend uses its default
         assert i < len(values), f"{where}: widgets_values {values} has no value for input {name!r}"
         out[name] = values[i]
         i += 1

@@ -382,3 +382,29 @@ def test_release_then_rebuild(clean_registry, files_diffusers):
     assert clean_registry.loads == loads + 1
     out = _run(rebuilt, _image(), _mask())
     assert out.shape == (1, 32, 48, 3)
+
+
+def test_compile_gives_the_same_pixels_and_says_so(models, files_diffusers):
+    """The loader's `compile` toggle: the transformer's blocks run through torch.compile (inductor), same pixels."""
+    base = _run(models["diffusers"], _image(seed=15), _mask())
+    m = _load(files_diffusers, compile=True)
+    try:
+        blocks = list(m.pipe.transformer.transformer_blocks) + list(m.pipe.transformer.single_transformer_blocks)
+        assert blocks and all(hasattr(b, "_compiled_call_impl") and b._compiled_call_impl is not None for b in blocks)
+        assert any("compiled" in n for n in m.notes)
+        assert _max_diff(_run(m, _image(seed=15), _mask()), base) <= 1e-3  # fused kernels round differently
+    finally:
+        m.close()
+
+
+def test_compile_is_skipped_under_sequential_offload():
+    from atelier import pipelines
+
+    class Fake:  # what compile_transformer reads: the resolved mode, the device, the notes
+        offload, device, notes = "sequential", torch.device("cpu"), []
+        pipe = type("P", (), {"transformer": torch.nn.Linear(2, 2)})()
+
+    fake = Fake()
+    pipelines.compile_transformer(fake)
+    assert fake.pipe.transformer._compiled_call_impl is None
+    assert any("skipped" in n for n in fake.notes)

@@ -100,13 +100,15 @@ class ComfyServer:
     SUBDIRS = ("custom_nodes", "models", "input", "output", "temp", "user")
 
     def __init__(self, base_dir: Union[str, Path], pack_dir: Union[str, Path], port: Optional[int] = None,
-                 extra_args: Iterable[str] = (), pack_name: str = "atelier", env: Optional[dict] = None):
+                 extra_args: Iterable[str] = (), pack_name: str = "atelier", env: Optional[dict] = None,
+                 cpu: bool = True):
         self.base_dir = Path(base_dir).resolve()
         self.pack_dir = Path(pack_dir).resolve()
         self.port = port
         self.extra_args = list(extra_args)
         self.pack_name = pack_name
         self.extra_env = dict(env or {})
+        self.cpu = cpu  # False: ComfyUI picks the GPU (benchmarks and the GPU tier)
         self.proc: Optional[subprocess.Popen] = None
         self._log_file = None
         self.boot_seconds: Optional[float] = None
@@ -150,8 +152,8 @@ class ComfyServer:
         link.symlink_to(self.pack_dir, target_is_directory=True)
 
     def command(self) -> list:
-        cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--base-directory", str(self.base_dir), "--disable-auto-launch"]
+        cmd = [sys.executable, "main.py", *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1",
+               "--port", str(self.port), "--base-directory", str(self.base_dir), "--disable-auto-launch"]
         if not any(a == "--database-url" or a.startswith("--database-url=") for a in self.extra_args):
             # ComfyUI's default database lives in <comfy tree>/user/ whatever --base-directory says (and that
             # folder does not exist in the cached tree): keep it per server instead.
@@ -479,6 +481,8 @@ class WsListener:
             except ValueError:
                 log.warning("non-JSON websocket text frame: %r", data[:200])
                 continue
+            if isinstance(msg, dict):
+                msg["_t"] = time.monotonic()  # arrival time: benchmarks time steps from progress events
             with self._cond:
                 self._messages.append(msg)
                 self._cond.notify_all()
