@@ -85,21 +85,21 @@ SETTINGS: list[dict] = [
     dict(id="diffusers bf16 + group offload", path="diffusers", mode="group"),
     dict(id="atelier bf16 + compile", path="atelier", quantization="none", offload="none", compile=True),
     dict(id="atelier bf16 + model", path="atelier", quantization="none", offload="model"),
+    dict(id="eviction", path="eviction"),
+    dict(id="atelier bf16 single files", path="atelier", quantization="none", offload="none", layout="single_file"),
     dict(id="diffusers bf16 + model offload", path="diffusers", mode="model"),
     dict(id="atelier int8", path="atelier", quantization="int8", offload="none"),
     dict(id="diffusers int8", path="diffusers", mode="int8"),
-    dict(id="atelier int8 + model", path="atelier", quantization="int8", offload="model"),
-    dict(id="atelier int8 + sequential", path="atelier", quantization="int8", offload="sequential"),
-    dict(id="atelier bf16 single files", path="atelier", quantization="none", offload="none", layout="single_file"),
+    dict(id="diffusers nf4 + model offload", path="diffusers", mode="nf4-model"),
     dict(id="atelier bf16 + attention slicing", path="atelier", quantization="none", offload="none",
          attention_slicing=True),
-    dict(id="atelier bf16 + vae slicing/tiling", path="atelier", quantization="none", offload="none",
-         vae_slicing=True, vae_tiling=True),
     dict(id="atelier bf16 + FirstBlockCache 0.1", path="atelier", quantization="none", offload="none",
          first_block_cache=0.1),
-    dict(id="diffusers nf4 + model offload", path="diffusers", mode="nf4-model"),
+    dict(id="atelier bf16 + vae slicing/tiling", path="atelier", quantization="none", offload="none",
+         vae_slicing=True, vae_tiling=True),
+    dict(id="atelier int8 + model", path="atelier", quantization="int8", offload="model"),
+    dict(id="atelier int8 + sequential", path="atelier", quantization="int8", offload="sequential"),
     dict(id="diffusers bf16 + accelerate sequential", path="diffusers", mode="sequential", steps=4),
-    dict(id="eviction", path="eviction"),
 ]
 
 
@@ -310,6 +310,10 @@ class Server:
         out["steps_seen"] = len(prog)
         out["step_s"] = sum(gaps[1:]) / len(gaps[1:]) if len(gaps) > 1 else None
         out["mem"] = json.loads(entry["outputs"][PROBE]["text"][0])
+        # where the time went: each node from its "executing" event to the next one
+        ex = [(m["_t"], m["data"].get("node")) for m in msgs if m.get("type") == "executing"
+              and m["data"].get("prompt_id") == pid]
+        out["nodes_s"] = {str(n): round(b[0] - a, 3) for (a, n), b in zip(ex, ex[1:]) if n is not None}
         texts = [t for nid, o in entry["outputs"].items() if nid != PROBE for t in o.get("text", [])]
         out["notes"] = texts
         return out
@@ -340,6 +344,10 @@ def run_server_setting(base: Path, s: dict, steps: int) -> dict:
         srv.client.free(unload_models=True, free_memory=True)
         time.sleep(3)
         after = srv.probe(reset=False, tag="after-free")
+        if (after.get("allocated_gib") or 0) > 0.1:  # slow release (pinned host buffers) or a leak: look again
+            time.sleep(10)
+            row["vram_after_free_first_look_gib"] = _r(after.get("allocated_gib"), 3)
+            after = srv.probe(reset=False, tag="after-free-again")
         row.update(
             cold_job_s=round(cold["wall_s"], 2), job_s=round(warm["wall_s"], 2),
             load_s=round(cold["wall_s"] - warm["wall_s"], 2),
@@ -350,7 +358,7 @@ def run_server_setting(base: Path, s: dict, steps: int) -> dict:
             resident_after_job_gib=_r(warm["mem"].get("allocated_gib"), 2),
             vram_after_free_gib=_r(after.get("allocated_gib"), 3),
             device_used_after_free_gib=_r(after.get("device_used_gib"), 2),
-            finite=bool(warm["mem"].get("finite")), notes=cold["notes"],
+            finite=bool(warm["mem"].get("finite")), notes=cold["notes"], nodes_s=warm.get("nodes_s"),
         )
     except Exception as e:  # noqa: BLE001 - a benchmark records a failed setting as a row and goes on
         log.exception("%s failed", s["id"])

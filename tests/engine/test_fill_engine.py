@@ -408,3 +408,24 @@ def test_compile_is_skipped_under_sequential_offload():
     pipelines.compile_transformer(fake)
     assert fake.pipe.transformer._compiled_call_impl is None
     assert any("skipped" in n for n in fake.notes)
+
+
+def test_vae_tiling_uses_tiles_small_enough_to_tile_a_1024_picture():
+    """FLUX's VAE says sample_size 1024: diffusers would tile only pictures larger than that."""
+    from diffusers import AutoencoderKL
+
+    from atelier.pipelines import enable_vae_tiling
+
+    vae = AutoencoderKL(block_out_channels=[32, 32, 32, 32], down_block_types=["DownEncoderBlock2D"] * 4,
+                        up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=1, latent_channels=4,
+                        norm_num_groups=32, sample_size=1024)
+    assert vae.tile_sample_min_size == 1024 and vae.tile_latent_min_size == 128
+    enable_vae_tiling(vae)
+    assert vae.use_tiling and vae.tile_sample_min_size == 512 and vae.tile_latent_min_size == 64
+    # a 1024² latent (128²) now takes the tiled path, and decodes to the same size
+    calls = []
+    original = vae.tiled_decode
+    vae.tiled_decode = lambda z, **kw: calls.append(z.shape) or original(z, **kw)
+    with torch.no_grad():
+        out = vae.decode(torch.randn(1, 4, 128, 128)).sample
+    assert calls and out.shape == (1, 3, 1024, 1024)
