@@ -1,7 +1,7 @@
 // Layer nodes: show what ran on the node (the loader's settings, the prompt Split used, the files Export wrote),
 // and give Export Layers a download button per written file (PSD / PPTX / ZIP are not images the canvas can show).
-import { app } from "../../scripts/app.js";
-import { api } from "../../scripts/api.js";
+import { app } from "../../../scripts/app.js";
+import { api } from "../../../scripts/api.js";
 
 const TEXT_NODES = new Set(["AtelierLayeredLoader", "AtelierSplitLayers", "AtelierExportLayers"]);
 

@@ -1,6 +1,6 @@
 // Shows the text an Atelier node returns (e.g. what the FLUX Fill loader resolved: dtype, offload, fallbacks)
 // in a read-only box on the node after it runs.
-import { app } from "../../scripts/app.js";
+import { app } from "../../../scripts/app.js";
 
 const NODES = new Set(["AtelierFluxFillLoader"]);
 
