@@ -4,6 +4,8 @@ without it, and the pack then leaves these two nodes out."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 from comfy_api.latest import io, ui
 
@@ -25,10 +27,11 @@ OVERLAY_COLORS = np.array([(255, 64, 64), (64, 160, 255), (255, 200, 0), (160, 8
 OVERLAY_ALPHA = 110
 
 
-def editor_preview(image, masks, n_objects: int) -> dict:
+def editor_preview(image, masks, n_objects: int, prompts: tuple) -> dict:
     """What the point/box editor (web/js/atelier_sam2_editor.js) shows after a run: image 0 as the node received
-    it and its objects' masks as one coloured overlay (object k in OVERLAY_COLORS[k]), with the image's size in
-    pixels (the previews may be scaled down; prompts are in the full size)."""
+    it and its objects' masks as one coloured overlay (object k in OVERLAY_COLORS[k]), the image's size in pixels
+    (the previews may be scaled down; prompts are in the full size) and the prompt texts this run used (the editor
+    dims the masks once the widgets differ)."""
     height, width = int(image.shape[1]), int(image.shape[2])
     objects = masks[:n_objects].float().cpu().numpy() > 0.5
     overlay = np.zeros((height, width, 4), dtype=np.uint8)
@@ -36,8 +39,9 @@ def editor_preview(image, masks, n_objects: int) -> dict:
         overlay[m, :3] = OVERLAY_COLORS[k % len(OVERLAY_COLORS)]
         overlay[m, 3] = OVERLAY_ALPHA
     picture, shade = bridge.ui_pngs([bridge.to_uint8(image[0, ..., :3]), overlay], "atelier_sam2/editor")
+    texts = [p if isinstance(p, str) else json.dumps(p) for p in prompts]
     return {"atelier_sam2": [{"image": picture, "overlay": shade, "width": width, "height": height,
-                              "objects": n_objects}]}
+                              "objects": n_objects, "prompts": texts}]}
 
 
 class AtelierSAM2Loader(io.ComfyNode):
@@ -83,6 +87,9 @@ class AtelierSAM2Segment(io.ComfyNode):
             description="Masks of the objects you point at: each box is one object (with the points added to it); "
                         "without boxes, all points together are one object. One mask per object; for an image "
                         "batch, the masks of image 0 (object 0, 1, ...), then of image 1, and so on.",
+            # an output node so that it runs (or re-sends its cached preview) on every queue: the editor on the node
+            # then shows the masks even when nothing downstream is connected yet
+            is_output_node=True,
             inputs=[
                 SAM2.Input("sam2", tooltip="From SAM2 Loader."),
                 io.Image.Input("image", tooltip="The picture to segment; a batch is segmented image by image with "
@@ -112,7 +119,8 @@ class AtelierSAM2Segment(io.ComfyNode):
         with bridge.comfy_progress(image.shape[0] * prompts.n_objects) as progress:
             model = _acquire(sam2)
             masks = segmenter.segment(model, image, prompts, multimask=multimask, progress=progress)
-        return io.NodeOutput(masks, ui=editor_preview(image, masks, prompts.n_objects))
+        return io.NodeOutput(masks, ui=editor_preview(image, masks, prompts.n_objects,
+                                                           (points, negative_points, boxes)))
 
 
 NODES = [AtelierSAM2Loader, AtelierSAM2Segment]

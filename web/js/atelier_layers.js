@@ -12,6 +12,7 @@ function showText(node, text) {
         widget.inputEl.readOnly = true;
         widget.inputEl.style.opacity = 0.7;
         widget.serialize = false; // display only: never saved into widgets_values
+        widget.options.serialize = false; // nor sent as an input with the prompt
     }
     widget.value = text;
 }
@@ -30,6 +31,7 @@ function showDownloads(node, files) {
         });
         button.label = `Download ${f.filename}`;
         button.serialize = false;
+        button.options.serialize = false;
     }
 }
 

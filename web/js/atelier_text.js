@@ -19,6 +19,7 @@ app.registerExtension({
                 widget.inputEl.readOnly = true;
                 widget.inputEl.style.opacity = 0.7;
                 widget.serialize = false; // display only: never saved into widgets_values
+                widget.options.serialize = false; // nor sent as an input with the prompt
             }
             widget.value = text;
             this.setDirtyCanvas(true, true);
