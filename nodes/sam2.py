@@ -87,9 +87,6 @@ class AtelierSAM2Segment(io.ComfyNode):
             description="Masks of the objects you point at: each box is one object (with the points added to it); "
                         "without boxes, all points together are one object. One mask per object; for an image "
                         "batch, the masks of image 0 (object 0, 1, ...), then of image 1, and so on.",
-            # an output node so that it runs (or re-sends its cached preview) on every queue: the editor on the node
-            # then shows the masks even when nothing downstream is connected yet
-            is_output_node=True,
             inputs=[
                 SAM2.Input("sam2", tooltip="From SAM2 Loader."),
                 io.Image.Input("image", tooltip="The picture to segment; a batch is segmented image by image with "

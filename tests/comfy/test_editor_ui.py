@@ -1,6 +1,6 @@
 """What the nodes send to the frontend's editors after a run (their UI output, as GET /history shows it).
 
-* SAM2 Segment (an output node): ``atelier_sam2`` = the image the node received (a temp PNG, scaled down past
+* SAM2 Segment: ``atelier_sam2`` = the image the node received (a temp PNG, scaled down past
   1024 px), one overlay whose coloured pixels are exactly the object masks, the image's full size and the prompt
   texts it ran with. The point/box editor (web/js/atelier_sam2_editor.js) draws these.
 * Split Into Layers / Load Layers: ``atelier_layers`` = one RGBA temp PNG per layer with its name and 1-based index
@@ -63,16 +63,15 @@ def sam2_picture(client):
     return upload_png(client, rgb, "atelier_editor_sam2.png"), rgb
 
 
-def segment(image_ref, points="", negative_points="", boxes="", with_masks=True, extra=None) -> dict:
+def segment(image_ref, points="", negative_points="", boxes="", extra=None) -> dict:
     prompt = {
         "2": {"class_type": "AtelierSAM2Loader", "inputs": {"model": SAM2_PT, "dtype": "fp32"}},
         "3": {"class_type": "AtelierSAM2Segment", "inputs": {
             "sam2": ["2", 0], "image": image_ref, "points": points, "negative_points": negative_points,
             "boxes": boxes, "multimask": False}},
     }
-    if with_masks:
-        prompt["4"] = {"class_type": "MaskToImage", "inputs": {"mask": ["3", 0]}}
-        prompt["5"] = {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "atelier_ui/m"}}
+    prompt["4"] = {"class_type": "MaskToImage", "inputs": {"mask": ["3", 0]}}
+    prompt["5"] = {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "atelier_ui/m"}}
     prompt.update(extra or {})
     return prompt
 
@@ -82,26 +81,17 @@ def sam2_ui(entry: dict) -> dict:
     return info
 
 
-def test_segment_is_an_output_node_with_the_same_inputs(client, sam2_model):
-    info = client.object_info("AtelierSAM2Segment")
-    assert info["output_node"] is True
-    assert info["input_order"]["required"] == ["sam2", "image", "points", "negative_points", "boxes", "multimask"]
-    assert info["output"] == ["MASK"]
-
-
-def test_segment_alone_runs_and_sends_the_picture_and_its_masks(client, sam2_model, sam2_picture):
+def test_segment_sends_the_picture_and_its_masks(client, sam2_model, sam2_picture):
     name, rgb = sam2_picture
     points, negative, boxes = '[{"x": 20, "y": 22}]', '[{"x": 52, "y": 8}]', "[[6, 8, 34, 36], [36, 24, 62, 46]]"
     load = {"1": {"class_type": "LoadImage", "inputs": {"image": name}}}
-    # nothing downstream: the segment node runs because it is an output node (the editor shows its masks)
-    alone = ok(client, segment(["1", 0], points, negative, boxes, with_masks=False, extra=load))
-    info = sam2_ui(alone)
+    entry = ok(client, segment(["1", 0], points, negative, boxes, extra=load))
+    info = sam2_ui(entry)
     assert (info["width"], info["height"], info["objects"]) == (tiny_sam2.WIDTH, tiny_sam2.HEIGHT, 2)
     assert info["prompts"] == [points, negative, boxes]
     assert np.array_equal(view(client, info["image"]), rgb)
 
-    masks = [m[..., 0] > 127 for m in client.images(ok(client, segment(["1", 0], points, negative, boxes,
-                                                                            extra=load)), "5")]
+    masks = [m[..., 0] > 127 for m in client.images(entry, "5")]
     assert len(masks) == 2 and not np.array_equal(masks[0], masks[1])
     overlay = view(client, info["overlay"])
     assert overlay.shape == (tiny_sam2.HEIGHT, tiny_sam2.WIDTH, 4)

@@ -19,11 +19,18 @@ function showText(node, text) {
         widget.options.serialize = false; // not an input of the node: keep it out of the queued prompt
         node.setSize([Math.max(node.size[0], 360), Math.max(node.size[1], node.computeSize()[1])]);
     }
-    widget.value = text;
+    if (widget.value !== text) widget.value = text;
 }
 
 app.registerExtension({
     name: "atelier.caption",
+    // outputs restored by the frontend (switching back to this workflow's tab): show the last reply again
+    onNodeOutputsUpdated(outputs) {
+        for (const node of app.graph?.nodes ?? []) {
+            const text = node.comfyClass === NODE && (outputs?.[String(node.id)]?.text ?? []).join("\n");
+            if (text) showText(node, text);
+        }
+    },
     async beforeRegisterNodeDef(nodeType, nodeData) {
         if (nodeData.name !== NODE) return;
 

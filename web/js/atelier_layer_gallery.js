@@ -60,12 +60,22 @@ function showGallery(node, layers) {
         node.setSize([Math.max(node.size[0], 340), Math.max(node.size[1], node.computeSize()[1])]);
     }
     const count = layers.length;
+    const key = layers.map((l) => `${l.subfolder}/${l.filename}`).join("|");
+    if (widget.element.dataset.key === key) return;
     widget.element.replaceChildren(...layers.map((l) => card({ ...l, count })));
     widget.element.dataset.count = count;
+    widget.element.dataset.key = key;
 }
 
 app.registerExtension({
     name: "atelier.layer_gallery",
+    // outputs restored by the frontend (switching back to this workflow's tab): show the last run's layers again
+    onNodeOutputsUpdated(outputs) {
+        for (const node of app.graph?.nodes ?? []) {
+            const layers = NODES.has(node.comfyClass) && outputs?.[String(node.id)]?.atelier_layers;
+            if (Array.isArray(layers) && layers.length) showGallery(node, layers);
+        }
+    },
     async beforeRegisterNodeDef(nodeType, nodeData) {
         if (!NODES.has(nodeData.name)) return;
         const onExecuted = nodeType.prototype.onExecuted;

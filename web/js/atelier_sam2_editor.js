@@ -384,6 +384,7 @@ class Sam2Editor {
     // the node's UI output after a run: {image, overlay, width, height, objects, prompts}
     executed(info) {
         const up = upstreamImage(this.node);
+        this.runInfo = info;
         this.run = { image: viewURL(info.image), overlay: info.overlay ? viewURL(info.overlay) : null,
                      width: info.width, height: info.height, prompts: info.prompts ?? [],
                      upstreamKey: up?.key ?? null };
@@ -394,6 +395,14 @@ class Sam2Editor {
 
 app.registerExtension({
     name: "atelier.sam2_editor",
+    // outputs restored by the frontend (switching back to this workflow's tab): show the last run again
+    onNodeOutputsUpdated(outputs) {
+        for (const node of app.graph?.nodes ?? []) {
+            const editor = node.atelierSam2Editor;
+            const info = outputs?.[String(node.id)]?.atelier_sam2?.[0];
+            if (editor && info && info.image?.filename !== editor.runInfo?.image?.filename) editor.executed(info);
+        }
+    },
     async beforeRegisterNodeDef(nodeType, nodeData) {
         if (nodeData.name !== NODE) return;
 
