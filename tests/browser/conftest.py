@@ -71,14 +71,14 @@ def browser():
 
 
 @pytest.fixture(scope="session")
-def frontend_user(comfy_server) -> dict:
+def frontend_user(comfy_server) -> dict:  # noqa: F811 (the imported fixture, requested by name)
     """The settings of ComfyUI's default user that every page opens with (stored once per server)."""
     frontend.prepare_user(comfy_server.url)
     return dict(frontend.SETTINGS)
 
 
 @pytest.fixture
-def page(browser, comfy_server, frontend_user):
+def page(browser, comfy_server, frontend_user):  # noqa: F811
     """A new context + page on the server, app ready; closed after the test."""
     context = frontend.new_context(browser)
     try:

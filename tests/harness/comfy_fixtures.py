@@ -37,10 +37,10 @@ TINY_DIFFUSERS_NAME = "flux-fill-tiny"
 class _Shared:
     """What every conftest's copy of the fixtures hands out: one base directory, one server, one tiny model."""
 
-    base: "Path | None" = None
-    server: "ComfyServer | None" = None
+    base: Path | None = None
+    server: ComfyServer | None = None
     server_users = 0
-    tiny_flux: "dict | None" = None
+    tiny_flux: dict | None = None
 
 
 @pytest.fixture(scope="session")

@@ -34,7 +34,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import requests
 
@@ -103,7 +103,7 @@ def start_playwright():
     return pw, browser
 
 
-def prepare_user(url: str, settings: Optional[dict] = None) -> None:
+def prepare_user(url: str, settings: dict | None = None) -> None:
     """Store SETTINGS (plus `settings`) for ComfyUI's default user through POST /api/settings."""
     body = dict(SETTINGS, **(settings or {}))
     r = requests.post(url.rstrip("/") + "/api/settings", json=body, timeout=30)
@@ -155,7 +155,7 @@ class FrontendLog:
         return [t for k, t in self.entries[since:] if k.startswith(kind_prefix)]
 
 
-_LOGS: "weakref.WeakKeyDictionary[Any, FrontendLog]" = weakref.WeakKeyDictionary()
+_LOGS: weakref.WeakKeyDictionary[Any, FrontendLog] = weakref.WeakKeyDictionary()
 
 
 def log_of(page) -> FrontendLog:
@@ -217,8 +217,8 @@ def open_app(context, server_url: str, timeout: float = 60) -> Any:
 def new_context(browser, **kw):
     """A browser context with the viewport and the localStorage flags of LOCAL_STORAGE set before any script."""
     context = browser.new_context(viewport=kw.pop("viewport", VIEWPORT), **kw)
-    context.add_init_script("(() => { const kv = %s; for (const k in kv) localStorage.setItem(k, kv[k]); })()"
-                            % json.dumps(LOCAL_STORAGE))
+    flags = json.dumps(LOCAL_STORAGE)
+    context.add_init_script(f"(() => {{ const kv = {flags}; for (const k in kv) localStorage.setItem(k, kv[k]); }})()")
     return context
 
 
@@ -232,7 +232,7 @@ def loaded_extensions(page) -> list:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _as_doc(wf: Union[str, Path, dict]) -> tuple[dict, str, str]:
+def _as_doc(wf: str | Path | dict) -> tuple[dict, str, str]:
     """(document, file name, text) for a path, a JSON string or a dict."""
     if isinstance(wf, Path) or (isinstance(wf, str) and not wf.lstrip().startswith("{")):
         p = Path(wf)
@@ -243,7 +243,7 @@ def _as_doc(wf: Union[str, Path, dict]) -> tuple[dict, str, str]:
     return wf, "workflow.json", json.dumps(wf)
 
 
-def load_workflow(page, wf: Union[str, Path, dict], name: Optional[str] = None, timeout: float = 30) -> dict:
+def load_workflow(page, wf: str | Path | dict, name: str | None = None, timeout: float = 30) -> dict:
     """Drop a workflow file on the canvas, exactly as an artist's drag and drop delivers it; returns the document.
 
     A File in a DataTransfer goes through dragenter/dragover/drop on the canvas, so the frontend's own drop
@@ -337,7 +337,7 @@ def graph_to_prompt(page) -> dict:
     return page.evaluate("async () => (await window.app.graphToPrompt()).output")
 
 
-def set_widget(page, node_id: Union[int, str], name: str, value: Any) -> None:
+def set_widget(page, node_id: int | str, name: str, value: Any) -> None:
     """Set a widget as the artist does (value, then the widget's callback); a combo value must be an option."""
     err = page.evaluate("""([id, name, value]) => {
       const node = window.app.graph.getNodeById(Number(id));
@@ -425,7 +425,7 @@ def wait_done(page, prompt_id: str, timeout: float = 300) -> dict:
     return entry
 
 
-def page_events(page, prompt_id: Optional[str] = None) -> list:
+def page_events(page, prompt_id: str | None = None) -> list:
     """The execution events the page received (type, prompt_id, node), optionally for one prompt."""
     ev = page.evaluate("() => window.__atelier?.events || []")
     return [e for e in ev if prompt_id is None or e["prompt_id"] == prompt_id]
@@ -458,7 +458,7 @@ _GRAPH_BOX = """(margin) => {
 }"""
 
 
-def screenshot_canvas(page, path: Union[str, Path], fit: bool = True, focus: bool = True, crop: bool = True) -> Path:
+def screenshot_canvas(page, path: str | Path, fit: bool = True, focus: bool = True, crop: bool = True) -> Path:
     """A PNG of the canvas (with the DOM widgets drawn over it: text boxes, notes). `focus` hides the menus and
     side bars first (Focus Mode) and restores them afterwards; `fit` fits every node into view; `crop` keeps
     only the nodes' bounding box (plus a margin)."""

@@ -122,9 +122,8 @@ def input_files() -> dict:
 
     The object photo is 640×480 because sam2_points' clicks and object_compositing_sam2's box are for a photo of
     that size; the vase stands where they point."""
-    from tests.harness import real_weights
-
     from atelier import layer_files
+    from tests.harness import real_weights
 
     photo, _ = real_weights.synthetic_object(640, 480)
     obj, _ = real_weights.synthetic_object()
