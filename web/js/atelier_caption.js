@@ -4,23 +4,10 @@
 // VLM ran again each time although nothing else changed (and with temperature 0 the seed does not matter).
 // Saved workflows keep whatever they saved: their value is applied after this.
 import { app } from "../../../scripts/app.js";
+import { showText } from "./atelier_text.js";
 
 const NODE = "AtelierCaption";
-const WIDGET = "atelier_caption";
-
-function showText(node, text) {
-    let widget = node.widgets?.find((w) => w.name === WIDGET);
-    if (!widget) {
-        widget = app.widgets.STRING(node, WIDGET, ["STRING", { multiline: true }], app).widget;
-        widget.inputEl.readOnly = true;
-        widget.inputEl.classList.add("atelier-caption-text");
-        widget.inputEl.style.opacity = 0.8;
-        widget.serialize = false;
-        widget.options.serialize = false; // not an input of the node: keep it out of the queued prompt
-        node.setSize([Math.max(node.size[0], 360), Math.max(node.size[1], node.computeSize()[1])]);
-    }
-    if (widget.value !== text) widget.value = text;
-}
+const WIDGET = "atelier_caption"; // its box has the class atelier-caption-text
 
 app.registerExtension({
     name: "atelier.caption",
@@ -28,7 +15,7 @@ app.registerExtension({
     onNodeOutputsUpdated(outputs) {
         for (const node of app.graph?.nodes ?? []) {
             const text = node.comfyClass === NODE && (outputs?.[String(node.id)]?.text ?? []).join("\n");
-            if (text) showText(node, text);
+            if (text) showText(node, text, WIDGET);
         }
     },
     async beforeRegisterNodeDef(nodeType, nodeData) {
@@ -48,7 +35,7 @@ app.registerExtension({
             onExecuted?.apply(this, arguments);
             const text = (message?.text ?? []).join("\n");
             if (!text) return;
-            showText(this, text);
+            showText(this, text, WIDGET);
             this.setDirtyCanvas(true, true);
         };
     },

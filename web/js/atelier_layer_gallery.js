@@ -21,8 +21,8 @@ function card(layer) {
     Object.assign(item.style, { margin: "0", display: "flex", flexDirection: "column", gap: "2px", minWidth: "0" });
 
     const thumb = document.createElement("div");
-    Object.assign(thumb.style, { background: CHECKER, borderRadius: "3px", aspectRatio: `${layer.width} / ${layer.height}`,
-                                 overflow: "hidden", border: "1px solid #555" });
+    Object.assign(thumb.style, { background: CHECKER, borderRadius: "3px", overflow: "hidden", border: "1px solid #555",
+                                 aspectRatio: `${layer.width} / ${layer.height}` });
     const img = document.createElement("img");
     img.src = viewURL(layer);
     img.alt = layer.name;

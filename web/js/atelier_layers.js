@@ -2,20 +2,9 @@
 // and give Export Layers a download button per written file (PSD / PPTX / ZIP are not images the canvas can show).
 import { app } from "../../../scripts/app.js";
 import { api } from "../../../scripts/api.js";
+import { showText } from "./atelier_text.js";
 
 const TEXT_NODES = new Set(["AtelierLayeredLoader", "AtelierSplitLayers", "AtelierExportLayers"]);
-
-function showText(node, text) {
-    let widget = node.widgets?.find((w) => w.name === "atelier_info");
-    if (!widget) {
-        widget = app.widgets.STRING(node, "atelier_info", ["STRING", { multiline: true }], app).widget;
-        widget.inputEl.readOnly = true;
-        widget.inputEl.style.opacity = 0.7;
-        widget.serialize = false; // display only: never saved into widgets_values
-        widget.options.serialize = false; // nor sent as an input with the prompt
-    }
-    widget.value = text;
-}
 
 function showDownloads(node, files) {
     node.widgets = (node.widgets ?? []).filter((w) => !w.name?.startsWith("atelier_download_"));

@@ -13,7 +13,8 @@ const HIT = 9; // px on screen: how close a click must be to a point or a box's 
 const DRAG = 4; // px on screen: a press that moves further is a box, not a click
 const MIN_HEIGHT = 260;
 const COLORS = { positive: "#22c55e", negative: "#ef4444", box: "#38bdf8" };
-const HINT = "left click: point · right click: not-object point · drag: box · click a point or a box's × to remove it";
+const HINT = "left click: point · right click: not-object point · drag: box · " +
+             "click a point or a box's × to remove it";
 
 // ------------------------------------------------------------------------------------------- prompt text
 
