@@ -99,7 +99,7 @@ def drag(page, node_id: str, a: tuple, b: tuple) -> None:
 
 
 def near(got: list, want: list) -> bool:
-    return len(got) == len(want) and all(abs(g - w) <= TOLERANCE for g, w in zip(got, want))
+    return len(got) == len(want) and all(abs(g - w) <= TOLERANCE for g, w in zip(got, want, strict=True))
 
 
 def points_of(text: str) -> list:
@@ -160,8 +160,9 @@ def test_sam2_clicks_become_widget_values_the_prompt_and_the_mask(page, client, 
     assert near(box, [200, 130, 440, 420])
     shot(page, SEGMENT, artifacts / "sam2_editor_before_run.png")
     # exactly the format the node documents (and the workflows ship)
-    assert v["points"] == '[{"x": %d, "y": %d}]' % tuple(points_of(v["points"])[0])
-    assert v["boxes"] == "[[%d, %d, %d, %d]]" % tuple(box)
+    (px, py), (x0, y0, x1, y1) = points_of(v["points"])[0], box
+    assert v["points"] == f'[{{"x": {px}, "y": {py}}}]'
+    assert v["boxes"] == f"[[{x0}, {y0}, {x1}, {y1}]]"
 
     # saved with the workflow, in the API export, and in the prompt the Run button sends
     saved = fe.widgets(page)[SEGMENT]["widgets_values"]
