@@ -239,3 +239,21 @@ def test_workflow_runs_from_the_page(path, page, client, object_info, choices, u
             (artifacts / f"{path.stem}_out_{nid}_{i}{Path(ref['filename']).suffix}").write_bytes(data)
     assert not fe.dialogs(page), f"{path.name}: after the run the frontend showed {fe.dialogs(page)}"
     assert not flog.problems(run_mark), f"{path.name}: page problems during the run: {flog.problems(run_mark)}"
+
+
+# ---------------------------------------------------------------------------------- README pictures
+
+
+def test_readme_shows_every_workflow_with_a_small_picture():
+    """Every workflow has its canvas picture in docs/img, small, shown in the README (regenerate: see the top)."""
+    from PIL import Image
+
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    for path in UI_FILES:
+        pic = DOCS_IMG / f"workflow_{path.stem}.png"
+        assert pic.is_file(), f"no README picture for {path.name}: run this module with ATELIER_README_PICTURES=1"
+        with Image.open(pic) as im:
+            assert im.width <= README_WIDTH, f"{pic.name} is {im.width} px wide; README pictures are ≤ {README_WIDTH}"
+        assert pic.stat().st_size <= 150_000, f"{pic.name} is {pic.stat().st_size} bytes; keep README pictures small"
+        assert f"(docs/img/{pic.name})" in readme, f"README.md does not show {pic.name}"
+        assert f"`{path.name}`" in readme, f"README.md does not name {path.name}"
