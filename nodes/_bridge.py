@@ -447,8 +447,3 @@ def ui_pngs(arrays, prefix: str, max_side: int | None = PREVIEW_MAX_SIDE) -> lis
         img.save(os.path.join(folder, name), compress_level=1)
         out.append({"filename": name, "subfolder": subfolder, "type": "temp"})
     return out
-
-
-def to_uint8(t: torch.Tensor):
-    """A float tensor in [0, 1] → a uint8 numpy array, rounded (8-bit sources come back exactly)."""
-    return (t.detach().float().cpu().clamp(0, 1) * 255.0).round().to(torch.uint8).numpy()

@@ -216,6 +216,24 @@ def test_sam2_box_is_removed_with_its_x_and_typed_text_is_drawn(page, choices, u
     assert state["values"]["points"] == "[{x: 1" and "points: not valid JSON" in state["status"]
 
 
+def test_sam2_edits_are_recorded_like_any_other_edit(page, uploads):
+    """Each click is one change of the workflow: marked modified, and Ctrl+Z takes back exactly that click."""
+    fe.load_workflow(page, WORKFLOWS / "sam2_points.json")
+    show_node(page, SEGMENT)
+    page.wait_for_function("(id) => Number(window.app.graph.getNodeById(Number(id)).atelierSam2Editor.element"
+                           ".dataset.imageWidth) > 0", arg=SEGMENT, timeout=30_000)
+    page.locator(".atelier-sam2-clear").click()
+    frames(page)
+    modified = "() => window.app.extensionManager.workflow.activeWorkflow.isModified"
+    assert page.evaluate(modified) is True
+    click(page, SEGMENT, 320, 250)
+    assert len(points_of(editor(page, SEGMENT)["values"]["points"])) == 1
+    page.keyboard.press("Control+z")
+    page.wait_for_function("(id) => window.app.graph.getNodeById(Number(id)).widgets[0].value === ''",
+                           arg=SEGMENT, timeout=10_000)
+    assert editor(page, SEGMENT)["values"] == {"points": "", "negative_points": "", "boxes": ""}
+
+
 # ----------------------------------------------------------------------------------------------- layers
 
 

@@ -161,14 +161,20 @@ class Sam2Editor {
     write(prompts) {
         const values = { points: formatPoints(prompts.points), negative_points: formatPoints(prompts.negative),
                          boxes: formatBoxes(prompts.boxes) };
-        for (const [name, value] of Object.entries(values)) {
-            const w = this.widget(name);
-            if (!w || w.value === value) continue;
-            w.value = value;
-            w.callback?.(value, app.canvas, this.node);
+        // one change of the workflow, as LiteGraph reports its own edits: the frontend marks the workflow
+        // modified and records an undo step
+        app.canvas?.emitBeforeChange?.();
+        try {
+            for (const [name, value] of Object.entries(values)) {
+                const w = this.widget(name);
+                if (!w || w.value === value) continue;
+                w.value = value;
+                w.callback?.(value, app.canvas, this.node);
+            }
+        } finally {
+            app.canvas?.emitAfterChange?.();
         }
         this.node.setDirtyCanvas(true, true);
-        this.node.graph?.change?.();
         this.draw();
     }
 
@@ -251,7 +257,8 @@ class Sam2Editor {
     }
 
     onDown(e) {
-        e.preventDefault();
+        // no preventDefault here: it would swallow the mouseup on which the frontend records the change (the
+        // workflow's modified mark, undo)
         e.stopPropagation();
         if (e.button !== 0 && e.button !== 2) return;
         const L = this.layout(this.source());
