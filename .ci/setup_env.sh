@@ -53,5 +53,17 @@ if ! command -v gimp >/dev/null 2>&1 || ! command -v soffice >/dev/null 2>&1; th
         "the PSD-in-GIMP and PPTX-in-LibreOffice tests will skip"
   fi
 fi
+# 4. Chromium: the browser tier (tests/browser) drives ComfyUI's frontend in headless Chromium through Playwright
+#    (Playwright's own browser download is never used). Installed only when missing and apt-get can run (root);
+#    elsewhere the browser tests skip and say why. $ATELIER_CHROMIUM points them at another Chromium binary.
+if [ -z "${ATELIER_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    log "installing Chromium (apt) for the browser tests"
+    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+        chromium fonts-dejavu-core; } >&2
+  else
+    log "Chromium is missing and apt-get cannot run here (not root): the browser tests (tests/browser) will skip"
+  fi
+fi
 log "ready: ComfyUI at $comfy, Python at $venv/bin/python"
 echo "$venv/bin/python"

@@ -423,3 +423,27 @@ def saved_file(path, folder_type: str) -> dict:
     rel = os.path.relpath(os.path.realpath(path), os.path.realpath(root))
     sub, name = os.path.split(rel)
     return {"filename": name, "subfolder": sub.replace(os.sep, "/"), "type": folder_type}
+
+
+# -------------------------------------------------------------------------------------- previews on nodes
+
+PREVIEW_MAX_SIDE = 1024
+
+
+def ui_pngs(arrays, prefix: str, max_side: int | None = PREVIEW_MAX_SIDE) -> list[dict]:
+    """Temp PNGs for the frontend to show on a node (GET /view?type=temp): one per H×W×3 or H×W×4 uint8 array,
+    scaled down (aspect kept) so the longer side is at most ``max_side``. Returns their {filename, subfolder,
+    type} entries, in order."""
+    from PIL import Image
+
+    folder, stem, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, temp_dir())
+    os.makedirs(folder, exist_ok=True)
+    out = []
+    for k, arr in enumerate(arrays):
+        img = Image.fromarray(arr)
+        if max_side and max(img.size) > max_side:
+            img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+        name = f"{stem}_{counter:05}_{k + 1:02}.png"
+        img.save(os.path.join(folder, name), compress_level=1)
+        out.append({"filename": name, "subfolder": subfolder, "type": "temp"})
+    return out

@@ -25,6 +25,17 @@ def _stack_out(stack: layer_files.LayerStack):
     return rgba[..., :3].contiguous(), rgba[..., 3].contiguous()
 
 
+GALLERY_MAX_SIDE = 512
+
+
+def gallery(stack: layer_files.LayerStack) -> dict:
+    """The layer gallery's UI output (web/js/atelier_layer_gallery.js): one RGBA temp PNG per layer, scaled down
+    to GALLERY_MAX_SIDE, with its name and its 1-based index (layer 1 = bottom), and the canvas size."""
+    files = bridge.ui_pngs(list(stack.rgba), "atelier_layers/gallery", max_side=GALLERY_MAX_SIDE)
+    return {"atelier_layers": [dict(f, name=name, index=i + 1, width=stack.width, height=stack.height)
+                               for i, (f, name) in enumerate(zip(files, stack.names, strict=True))]}
+
+
 class AtelierLayeredLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -116,8 +127,11 @@ class AtelierSplitLayers(io.ComfyNode):
                                   seed=seed, prompt=prompt, language=language, cfg_normalize=cfg_normalize,
                                   progress=progress)
         text = f"prompt: {result.prompt}" + "".join(f"\n{n}" for n in result.notes)
-        return io.NodeOutput(bridge.images_out(result.layers), result.alphas.clamp(0, 1).float().cpu(),
-                             bridge.images_out(result.composite), result.prompt, ui={"text": [text]})
+        layers_out, alphas_out = bridge.images_out(result.layers), result.alphas.clamp(0, 1).float().cpu()
+        names, _ = layer_files.parse_names("", layers_out.shape[0])
+        shown = layer_files.make_stack(layers_out[..., :3].numpy(), alphas_out.numpy(), names)
+        return io.NodeOutput(layers_out, alphas_out, bridge.images_out(result.composite), result.prompt,
+                             ui={"text": [text], **gallery(shown)})
 
 
 class AtelierExportLayers(io.ComfyNode):
@@ -208,7 +222,7 @@ class AtelierLoadLayers(io.ComfyNode):
         for note in stack.notes:
             log.info("Atelier: %s", note)
         rgb, alpha = _stack_out(stack)
-        return io.NodeOutput(rgb, alpha, ", ".join(stack.names))
+        return io.NodeOutput(rgb, alpha, ", ".join(stack.names), ui=gallery(stack))
 
 
 class AtelierCombineLayers(io.ComfyNode):

@@ -4,10 +4,14 @@ without it, and the pack then leaves these two nodes out."""
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 from comfy_api.latest import io, ui
 
 from ..atelier import segmenter  # imports sam2 at the top: a missing package surfaces here
 from ..atelier.images import check_image
+from ..atelier.layer_files import to_uint8
 from ..atelier.types import DTYPES
 from . import _bridge as bridge
 from ._bridge import SAM2
@@ -16,6 +20,30 @@ from ._bridge import SAM2
 def _acquire(handle: segmenter.SAM2Handle) -> segmenter.SAM2Model:
     """The loaded model for ``handle``; rebuilt if ComfyUI's Unload / POST /free released it."""
     return bridge.acquire(handle.spec, lambda: segmenter.load(handle), "sam2", handle.need_bytes)
+
+
+# one colour per object in the editor's mask overlay (the node's UI output); alpha 0 outside every mask
+OVERLAY_COLORS = np.array([(255, 64, 64), (64, 160, 255), (255, 200, 0), (160, 80, 255), (0, 200, 120),
+                           (255, 120, 200)], dtype=np.uint8)
+OVERLAY_ALPHA = 110
+
+
+def editor_preview(image, masks, n_objects: int, prompts: tuple) -> dict:
+    """What the point/box editor (web/js/atelier_sam2_editor.js) shows after a run: image 0 as the node received
+    it and its objects' masks as one coloured overlay (object k in OVERLAY_COLORS[k]), the image's size in pixels
+    (the previews may be scaled down; prompts are in the full size) and the prompt texts this run used (the editor
+    dims the masks once the widgets differ)."""
+    height, width = int(image.shape[1]), int(image.shape[2])
+    objects = masks[:n_objects].float().cpu().numpy() > 0.5
+    overlay = np.zeros((height, width, 4), dtype=np.uint8)
+    for k, m in enumerate(objects):
+        overlay[m, :3] = OVERLAY_COLORS[k % len(OVERLAY_COLORS)]
+        overlay[m, 3] = OVERLAY_ALPHA
+    rgb = to_uint8(image[0, ..., :3].float().cpu().numpy())
+    picture, shade = bridge.ui_pngs([rgb, overlay], "atelier_sam2/editor")
+    texts = [p if isinstance(p, str) else json.dumps(p) for p in prompts]
+    return {"atelier_sam2": [{"image": picture, "overlay": shade, "width": width, "height": height,
+                              "objects": n_objects, "prompts": texts}]}
 
 
 class AtelierSAM2Loader(io.ComfyNode):
@@ -90,7 +118,8 @@ class AtelierSAM2Segment(io.ComfyNode):
         with bridge.comfy_progress(image.shape[0] * prompts.n_objects) as progress:
             model = _acquire(sam2)
             masks = segmenter.segment(model, image, prompts, multimask=multimask, progress=progress)
-        return io.NodeOutput(masks)
+        return io.NodeOutput(masks, ui=editor_preview(image, masks, prompts.n_objects,
+                                                           (points, negative_points, boxes)))
 
 
 NODES = [AtelierSAM2Loader, AtelierSAM2Segment]

@@ -1,20 +1,10 @@
 // Layer nodes: show what ran on the node (the loader's settings, the prompt Split used, the files Export wrote),
 // and give Export Layers a download button per written file (PSD / PPTX / ZIP are not images the canvas can show).
-import { app } from "../../scripts/app.js";
-import { api } from "../../scripts/api.js";
+import { app } from "../../../scripts/app.js";
+import { api } from "../../../scripts/api.js";
+import { showText } from "./atelier_text.js";
 
 const TEXT_NODES = new Set(["AtelierLayeredLoader", "AtelierSplitLayers", "AtelierExportLayers"]);
-
-function showText(node, text) {
-    let widget = node.widgets?.find((w) => w.name === "atelier_info");
-    if (!widget) {
-        widget = app.widgets.STRING(node, "atelier_info", ["STRING", { multiline: true }], app).widget;
-        widget.inputEl.readOnly = true;
-        widget.inputEl.style.opacity = 0.7;
-        widget.serialize = false; // display only: never saved into widgets_values
-    }
-    widget.value = text;
-}
 
 function showDownloads(node, files) {
     node.widgets = (node.widgets ?? []).filter((w) => !w.name?.startsWith("atelier_download_"));
@@ -30,6 +20,7 @@ function showDownloads(node, files) {
         });
         button.label = `Download ${f.filename}`;
         button.serialize = false;
+        button.options.serialize = false;
     }
 }
 

@@ -1,0 +1,106 @@
+"""Browser tier: the real ComfyUI frontend in headless Chromium against the real server with the pack.
+
+Fixtures (any test under tests/browser gets them):
+
+* the server fixtures of tests/comfy (``comfy_server``, ``client``, ``comfy_base``, ``server_log``, ``tiny_flux``,
+  ``ws``): one ComfyUI per test process, shared with tests/comfy (tests/harness/comfy_fixtures.py);
+* ``browser`` (session): Playwright's Chromium (Debian's /usr/bin/chromium, headless, --no-sandbox). Skips the
+  test, saying why, when Playwright or Chromium is missing (`bash .ci/setup_env.sh` installs both when root);
+* ``page``: a fresh browser context and page on the server with the app ready (extensions loaded, graph set up),
+  for ComfyUI's default user with the settings of tests/harness/frontend.py (SETTINGS). The page records console
+  messages, page errors and failed requests: ``log_of(page).problems(since=mark)``;
+* ``artifacts``: tests/browser/_artifacts/ (git-ignored): screenshots and results worth looking at. A failing test
+  that used ``page`` leaves ``_artifacts/failed/<test>.png`` there and its page problems in the report.
+
+Helpers (import them from tests.harness.frontend): ``load_workflow(page, path_or_doc)`` (the drop handler's path),
+``dialogs(page)``, ``missing_node_types(page)``, ``widgets(page)``, ``widget_problems(doc, widgets, object_info)``,
+``set_widget(page, node_id, name, value)``, ``queue(page)`` (presses Run), ``wait_done(page, prompt_id)``,
+``graph_to_prompt(page)``, ``screenshot_canvas(page, path)``, ``loaded_extensions(page)``.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:  # so `tests.harness` imports under --import-mode=importlib too
+    sys.path.insert(0, str(REPO_ROOT))
+
+from tests.harness import frontend  # noqa: E402
+from tests.harness.comfy_fixtures import (  # noqa: E402,F401  (fixtures, by name)
+    add_server_log,
+    client,
+    comfy_base,
+    comfy_server,
+    server_log,
+    tiny_flux,
+    ws,
+)
+
+ARTIFACTS = Path(__file__).resolve().parent / "_artifacts"
+
+
+def pytest_collection_modifyitems(items):
+    here = Path(__file__).resolve().parent
+    for item in items:
+        if here in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.browser)
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium driven by Playwright (sync API); skipped with the reason when it cannot run here."""
+    try:
+        pw, b = frontend.start_playwright()
+    except frontend.BrowserUnavailable as e:
+        pytest.skip(f"browser tier skipped: {e}")
+    try:
+        yield b
+    finally:
+        b.close()
+        pw.stop()
+
+
+@pytest.fixture(scope="session")
+def frontend_user(comfy_server) -> dict:  # noqa: F811 (the imported fixture, requested by name)
+    """The settings of ComfyUI's default user that every page opens with (stored once per server)."""
+    frontend.prepare_user(comfy_server.url)
+    return dict(frontend.SETTINGS)
+
+
+@pytest.fixture
+def page(browser, comfy_server, frontend_user):  # noqa: F811
+    """A new context + page on the server, app ready; closed after the test."""
+    context = frontend.new_context(browser)
+    try:
+        yield frontend.open_app(context, comfy_server.url)
+    finally:
+        context.close()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Failing browser tests: the server log's tail, the page's problems and a screenshot of the page."""
+    outcome = yield
+    report = outcome.get_result()
+    add_server_log(item, report)
+    if report.failed and report.when == "call":
+        pg = getattr(item, "funcargs", {}).get("page")
+        if pg is not None:
+            try:
+                report.sections.append(("page problems", "\n".join(frontend.log_of(pg).problems()) or "none"))
+                shot = ARTIFACTS / "failed" / (re.sub(r"[^\w.-]+", "_", item.name) + ".png")
+                shot.parent.mkdir(parents=True, exist_ok=True)
+                pg.screenshot(path=str(shot))
+                report.sections.append(("page screenshot", str(shot)))
+            except Exception as e:  # the page may be gone; the report matters more
+                report.sections.append(("page screenshot", f"not taken: {e!r}"))

