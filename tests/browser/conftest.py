@@ -56,9 +56,12 @@ def artifacts() -> Path:
     return ARTIFACTS
 
 
+
 @pytest.fixture(scope="session")
 def browser():
     """Headless Chromium driven by Playwright (sync API); skipped with the reason when it cannot run here."""
+    for old in (ARTIFACTS / "failed").glob("*.png"):  # failure screenshots are for this run only
+        old.unlink()
     try:
         pw, b = frontend.start_playwright()
     except frontend.BrowserUnavailable as e:

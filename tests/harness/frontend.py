@@ -121,6 +121,7 @@ class FrontendLog:
 
     entries: list = field(default_factory=list)  # (kind, text): console.<type>, pageerror, http <status>
     sent: list = field(default_factory=list)  # the bodies of POST /api/prompt the page sent (queue())
+    queued: list = field(default_factory=list)  # the prompt ids the server gave back for them
 
     def add(self, kind: str, text: str) -> None:
         self.entries.append((kind, text))
@@ -390,6 +391,7 @@ def queue(page, timeout: float = 30) -> str:
                             f"{json.dumps(body)[:3000]}")
     if body.get("node_errors"):
         raise QueueRejected(f"prompt {body['prompt_id']} queued with node errors: {json.dumps(body['node_errors'])}")
+    log_of(page).queued.append(body["prompt_id"])
     return body["prompt_id"]
 
 
@@ -397,10 +399,15 @@ def server_url_of(page) -> str:
     return page.evaluate("() => location.origin")
 
 
-def wait_done(page, prompt_id: str, timeout: float = 300) -> dict:
-    """Wait until /history has the prompt (success or error) and the page got the matching execution event.
+def wait_done(page, prompt_id: str | None = None, timeout: float = 300) -> dict:
+    """Wait until /history has the prompt (by default the last one :func:`queue` sent) finished, success or error,
+    and the page got the matching execution event.
 
     Returns the /history entry (see tests/harness/comfy_server.py for its shape)."""
+    if prompt_id is None:
+        if not log_of(page).queued:
+            raise AssertionError("wait_done: this page has queued nothing (call queue(page) first)")
+        prompt_id = log_of(page).queued[-1]
     url = server_url_of(page)
     deadline = time.monotonic() + timeout
     entry = None
@@ -515,7 +522,9 @@ def widget_problems(doc: dict, nodes: dict, object_info: dict) -> list:
     exactly what the file holds (nothing dropped, shifted or coerced: the frontend applies them positionally and
     never complains); every widget input of the node's schema has its widget; numbers are inside the widget's
     min/max; every input slot of the file exists under the same name and holds the same link; outputs keep their
-    names. Combo values that are not among the options are NOT listed here: see :func:`unlisted_combo_values`."""
+    names; no input slot that the schema does not have (the frontend keeps a renamed input's link on a dead slot
+    and queues it under the old name); every required socket connected. Combo values that are not among the
+    options are NOT listed here: see :func:`unlisted_combo_values`."""
     problems = []
     if len(nodes) != len(doc.get("nodes") or []):
         problems.append(f"the file has {len(doc['nodes'])} nodes, the frontend built {len(nodes)}")
@@ -544,6 +553,16 @@ def widget_problems(doc: dict, nodes: dict, object_info: dict) -> list:
                 if (w["min"] is not None and v < w["min"]) or (w["max"] is not None and v > w["max"]):
                     problems.append(f"{where}: {w['name']} = {v} outside [{w['min']}, {w['max']}]")
         fe_inputs = {i["name"]: i for i in fe["inputs"]}
+        if info:  # a slot the schema does not have: the frontend keeps a renamed input's link on a dead slot
+            known = {k for g in ("required", "optional") for k in ((info.get("input") or {}).get(g) or {})}
+            for name, slot in fe_inputs.items():
+                if name not in known and slot["widget"] is None:  # widget slots (the upload button's) are judged above
+                    problems.append(f"{where}: input slot {name!r} is not in the node's schema (renamed or removed?); "
+                                    f"the schema has {sorted(known)}")
+            widget_names = set(schema_widget_names(info))
+            for name in (info.get("input") or {}).get("required") or {}:
+                if name not in widget_names and name in fe_inputs and fe_inputs[name]["link"] is None:
+                    problems.append(f"{where}: required input {name!r} is not connected")
         for slot in n.get("inputs") or []:
             got = fe_inputs.get(slot["name"])
             if got is None:
