@@ -136,8 +136,10 @@ BAD_IMPORTS = bad_web_imports()
     "extensions never load: " + "; ".join(BAD_IMPORTS) + " (files served at /extensions/atelier/js/ need "
     "'../../../scripts/app.js')"))
 def test_page_loads_cleanly_with_the_pack_extensions(page):
-    names = web_extension_names()
-    assert names and all(names.values()), f"a web/js file registers no extension that this test can read: {names}"
+    # files that register no extension in the plain `registerExtension({name: ...})` form (shared modules) are
+    # covered by the console check alone
+    names = {f: ns for f, ns in web_extension_names().items() if ns}
+    assert names, "no web/js file registers an extension in a form this test can read"
     loaded = set(fe.loaded_extensions(page))
     missing = {f: [n for n in ns if n not in loaded] for f, ns in names.items() if not set(ns) <= loaded}
     problems = fe.log_of(page).problems()

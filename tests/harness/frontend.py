@@ -216,10 +216,17 @@ def open_app(context, server_url: str, timeout: float = 60) -> Any:
 
 
 def new_context(browser, **kw):
-    """A browser context with the viewport and the localStorage flags of LOCAL_STORAGE set before any script."""
+    """A browser context whose every new page starts with empty localStorage / sessionStorage (no workflow tabs
+    restored from an earlier page) plus the flags of LOCAL_STORAGE, set before any script of the page runs.
+
+    Pages of one context share the HTTP and compiled-code caches: opening the app again is ~1/3 faster."""
     context = browser.new_context(viewport=kw.pop("viewport", VIEWPORT), **kw)
     flags = json.dumps(LOCAL_STORAGE)
-    context.add_init_script(f"(() => {{ const kv = {flags}; for (const k in kv) localStorage.setItem(k, kv[k]); }})()")
+    context.add_init_script(f"""(() => {{
+      if (window.top !== window) return;
+      localStorage.clear(); sessionStorage.clear();
+      const kv = {flags}; for (const k in kv) localStorage.setItem(k, kv[k]);
+    }})()""")
     return context
 
 
