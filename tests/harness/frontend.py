@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import weakref
@@ -63,12 +64,19 @@ KNOWN_404 = {
     "/api/userdata?dir=workflows&": "the user has no saved workflows yet (no folder: 404)",
     "/api/userdata?dir=subgraphs": "the user has no saved subgraphs yet (no folder: 404)",
 }
-# Console errors of the frontend itself (not caused by the pack or the test machine): {start of the text: why}.
+# Console errors of the frontend itself (not caused by the pack or the test machine): {regex on the text: why}.
 KNOWN_FRONTEND_ERRORS = {
-    "TypeError: Cannot read properties of undefined (reading 'id')\n    at onChange (":
+    r"TypeError: Cannot read properties of undefined \(reading 'id'\)\n\s+at onChange \(":
         "frontend 1.32.9, on every page load: useRenderModeSetting writes LiteGraph.Canvas.MinFontSizeForLOD "
         "before the core settings are registered (settingStore.set -> onChange(undefined))",
+    r"NotFoundError: Failed to execute 'removeChild' on 'Node'.*\n\s+at Proxy\.removeMask \([^)]*primevue/blockui/":
+        "frontend 1.32.9 / PrimeVue BlockUI, now and then on a drop: the app's full-screen loading mask (App.vue, "
+        "blocked while a dropped file loads) is removed twice when loading ends within its enter animation",
 }
+
+
+def known_frontend_error(text: str) -> bool:
+    return any(re.match(rx, text, re.DOTALL) for rx in KNOWN_FRONTEND_ERRORS)
 
 
 class BrowserUnavailable(RuntimeError):
@@ -140,7 +148,7 @@ class FrontendLog:
         out = []
         for kind, text in self.entries[since:]:
             if kind in ("console.error", "console.warning", "console.assert"):
-                if text.startswith("Failed to load resource") or text.startswith(tuple(KNOWN_FRONTEND_ERRORS)):
+                if text.startswith("Failed to load resource") or known_frontend_error(text):
                     continue
             elif kind.startswith("http"):
                 if kind == "http 404" and text.startswith(tuple(KNOWN_404)):
