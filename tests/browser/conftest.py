@@ -6,9 +6,10 @@ Fixtures (any test under tests/browser gets them):
   ``ws``): one ComfyUI per test process, shared with tests/comfy (tests/harness/comfy_fixtures.py);
 * ``browser`` (session): Playwright's Chromium (Debian's /usr/bin/chromium, headless, --no-sandbox). Skips the
   test, saying why, when Playwright or Chromium is missing (`bash .ci/setup_env.sh` installs both when root);
-* ``page``: a fresh browser context and page on the server with the app ready (extensions loaded, graph set up),
-  for ComfyUI's default user with the settings of tests/harness/frontend.py (SETTINGS). The page records console
-  messages, page errors and failed requests: ``log_of(page).problems(since=mark)``;
+* ``page``: a new page on the server with the app ready (extensions loaded, graph set up) and empty browser
+  storage, for ComfyUI's default user with the settings of tests/harness/frontend.py (SETTINGS); pages share one
+  browser context (``browser_context``: HTTP and code caches). The page records console messages, page errors and
+  failed requests: ``log_of(page).problems(since=mark)``;
 * ``artifacts``: tests/browser/_artifacts/ (git-ignored): screenshots and results worth looking at. A failing test
   that used ``page`` leaves ``_artifacts/failed/<test>.png`` there and its page problems in the report.
 
@@ -56,9 +57,12 @@ def artifacts() -> Path:
     return ARTIFACTS
 
 
+
 @pytest.fixture(scope="session")
 def browser():
     """Headless Chromium driven by Playwright (sync API); skipped with the reason when it cannot run here."""
+    for old in (ARTIFACTS / "failed").glob("*.png"):  # failure screenshots are for this run only
+        old.unlink()
     try:
         pw, b = frontend.start_playwright()
     except frontend.BrowserUnavailable as e:
@@ -77,14 +81,22 @@ def frontend_user(comfy_server) -> dict:  # noqa: F811 (the imported fixture, re
     return dict(frontend.SETTINGS)
 
 
-@pytest.fixture
-def page(browser, comfy_server, frontend_user):  # noqa: F811
-    """A new context + page on the server, app ready; closed after the test."""
+@pytest.fixture(scope="session")
+def browser_context(browser, frontend_user):
+    """One context for the session (shared caches); every page starts with empty browser storage."""
     context = frontend.new_context(browser)
+    yield context
+    context.close()
+
+
+@pytest.fixture
+def page(browser_context, comfy_server):  # noqa: F811
+    """A new page on the server, app ready, with empty browser storage; closed after the test."""
+    pg = frontend.open_app(browser_context, comfy_server.url)
     try:
-        yield frontend.open_app(context, comfy_server.url)
+        yield pg
     finally:
-        context.close()
+        pg.close()
 
 
 @pytest.hookimpl(hookwrapper=True)
