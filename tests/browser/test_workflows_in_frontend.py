@@ -128,13 +128,11 @@ def web_extension_names() -> dict:
     return out
 
 
-BAD_IMPORTS = bad_web_imports()
+def test_web_imports_resolve_to_the_frontend_scripts():
+    """Files are served at /extensions/atelier/js/: '../../scripts/app.js' would 404 and the extension never load."""
+    assert not bad_web_imports(), bad_web_imports()
 
 
-@pytest.mark.xfail(bool(BAD_IMPORTS), strict=True, reason=(
-    "known bug in web/js (owned by the web-editor branch): these imports 404 in the browser, so the pack's "
-    "extensions never load: " + "; ".join(BAD_IMPORTS) + " (files served at /extensions/atelier/js/ need "
-    "'../../../scripts/app.js')"))
 def test_page_loads_cleanly_with_the_pack_extensions(page):
     # files that register no extension in the plain `registerExtension({name: ...})` form (shared modules) are
     # covered by the console check alone
