@@ -103,6 +103,16 @@ def readme_picture(src: Path, dst: Path) -> Path:
     return dst
 
 
+def template_thumbnail(src: Path, dst: Path, width: int = 400) -> Path:
+    """The templates browser shows workflows/<name>.jpg on the workflow's card."""
+    from PIL import Image
+
+    with Image.open(src) as im:
+        im = im.convert("RGB")
+        im.resize((width, round(im.height * width / im.width)), Image.LANCZOS).save(dst, quality=82, optimize=True)
+    return dst
+
+
 # ---------------------------------------------------------------------------------- the pack's web extensions
 
 
@@ -174,9 +184,11 @@ def test_templates_browser_lists_and_opens_the_pack_workflows(page, client, obje
     assert not fe.missing_node_types(page)
     assert not fe.widget_problems(doc, fe.widgets(page), object_info)
     assert not fe.dialogs(page), fe.dialogs(page)
-    # the pack ships no thumbnails: the dialog asks for <name>.jpg and shows its placeholder instead
-    no_thumbs = tuple(f"/api/workflow_templates/atelier/{p.stem}.jpg" for p in UI_FILES)
-    assert not fe.log_of(page).problems(mark, ignore=no_thumbs)
+    # every card's thumbnail (workflows/<name>.jpg) is served: the dialog logs no failed media
+    assert not fe.log_of(page).problems(mark)
+    for p in UI_FILES:
+        r = client._get(f"/api/workflow_templates/atelier/{p.stem}.jpg")
+        assert r.status_code == 200 and r.content[:3] == b"\xff\xd8\xff", f"no thumbnail for {p.stem}"
 
 
 # ---------------------------------------------------------------------------------- the checks are not blind
@@ -245,6 +257,7 @@ def test_workflow_runs_from_the_page(path, page, client, object_info, choices, u
     canvas = fe.screenshot_canvas(page, artifacts / f"{path.stem}_canvas.png")
     if os.environ.get("ATELIER_README_PICTURES"):
         readme_picture(canvas, DOCS_IMG / f"workflow_{path.stem}.png")
+        template_thumbnail(canvas, UI_DIR / f"{path.stem}.jpg")
 
     # 4. what an artist must change: the model files they do not have, nothing else
     edits = edits_for(path.name, choices)
