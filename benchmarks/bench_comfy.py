@@ -107,11 +107,8 @@ SETTINGS: list[dict] = [
 
 
 def make(base: Path, tokenizers: Path) -> None:
-    import torch
-    from bench_flux_fill import CLIP_L, FLUX_FILL_TRANSFORMER, FLUX_VAE, T5_XXL, _randomise
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxFillPipeline, FluxTransformer2DModel
+    from bench_flux_fill import random_pipeline
     from safetensors.torch import save_file
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
     os.environ.setdefault("ATELIER_COMFYUI", str(tokenizers))
     from tests.harness.tiny_flux import _comfy_key_maps, transformer_to_bfl
@@ -120,22 +117,8 @@ def make(base: Path, tokenizers: Path) -> None:
     for sub in ("diffusers", "diffusion_models", "text_encoders", "vae"):
         (models / sub).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    with torch.device("meta"):
-        transformer = FluxTransformer2DModel(**FLUX_FILL_TRANSFORMER)
-        t5 = T5EncoderModel(T5Config(**T5_XXL))
-    transformer = _randomise(transformer, "cuda", 1).to(torch.bfloat16)
-    t5 = _randomise(t5, "cuda", 2).to(torch.bfloat16)
-    torch.manual_seed(3)
-    vae = AutoencoderKL(**FLUX_VAE).to(torch.bfloat16)
-    clip = CLIPTextModel(CLIPTextConfig(**CLIP_L)).to(torch.bfloat16)
-    pipe = FluxFillPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
-                                                  max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096),
-        vae=vae, text_encoder=clip,
-        tokenizer=CLIPTokenizer.from_pretrained(tokenizers / "comfy" / "sd1_tokenizer", model_max_length=77),
-        text_encoder_2=t5,
-        tokenizer_2=T5TokenizerFast.from_pretrained(tokenizers / "comfy" / "text_encoders" / "t5_tokenizer"),
-        transformer=transformer)
+    pipe = random_pipeline(tokenizers)
+    transformer, t5, clip, vae = pipe.transformer, pipe.text_encoder_2, pipe.text_encoder, pipe.vae
     folder = models / "diffusers" / DIFFUSERS_NAME
     pipe.save_pretrained(folder, safe_serialization=True, max_shard_size="10GB")
     log.info("diffusers layout written in %.0f s", time.perf_counter() - t0)

@@ -66,11 +66,12 @@ def _randomise(module: torch.nn.Module, device: str, seed: int) -> torch.nn.Modu
     return module
 
 
-def make(out: Path, tokenizers: Path) -> None:
+def random_pipeline(tokenizers: Path):
+    """FluxFillPipeline with FLUX.1-Fill-dev's architecture and random bf16 weights, transformer and T5 built on the
+    GPU (meta device + to_empty: no CPU init); tokenizers from a ComfyUI tree."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxFillPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
-    t0 = time.perf_counter()
     dev = "cuda"
     with torch.device("meta"):
         transformer = FluxTransformer2DModel(**FLUX_FILL_TRANSFORMER)
@@ -80,7 +81,7 @@ def make(out: Path, tokenizers: Path) -> None:
     torch.manual_seed(3)
     vae = AutoencoderKL(**FLUX_VAE).to(torch.bfloat16)
     clip = CLIPTextModel(CLIPTextConfig(**CLIP_L)).to(torch.bfloat16)
-    pipe = FluxFillPipeline(
+    return FluxFillPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
                                                   max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096),
         vae=vae, text_encoder=clip,
@@ -88,8 +89,13 @@ def make(out: Path, tokenizers: Path) -> None:
         text_encoder_2=t5,
         tokenizer_2=T5TokenizerFast.from_pretrained(tokenizers / "comfy" / "text_encoders" / "t5_tokenizer"),
         transformer=transformer)
+
+
+def make(out: Path, tokenizers: Path) -> None:
+    t0 = time.perf_counter()
+    pipe = random_pipeline(tokenizers)
     pipe.save_pretrained(out, safe_serialization=True, max_shard_size="10GB")
-    n = sum(p.numel() for p in transformer.parameters())
+    n = sum(p.numel() for p in pipe.transformer.parameters())
     log.info("made %s: transformer %.2f B params, in %.0f s", out, n / 1e9, time.perf_counter() - t0)
 
 

@@ -116,3 +116,14 @@ def pytest_runtest_makereport(item, call):
                 report.sections.append(("page screenshot", str(shot)))
             except Exception as e:  # the page may be gone; the report matters more
                 report.sections.append(("page screenshot", f"not taken: {e!r}"))
+
+
+@pytest.fixture(scope="module")
+def uploads(client) -> dict:
+    """The pictures and the PSD the workflows' loaders name, uploaded the way the upload button does."""
+    from tests.harness.workflow_inputs import input_files
+
+    files = input_files()
+    for name, data in files.items():
+        assert client.upload_image(data, name) == name
+    return files

@@ -24,7 +24,7 @@ import pytest
 
 from tests.harness import frontend as fe
 from tests.harness.comfy_server import ComfyClient
-from tests.harness.workflow_inputs import input_files, place_models
+from tests.harness.workflow_inputs import place_models
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = REPO_ROOT / "workflows"
@@ -37,14 +37,6 @@ TOLERANCE = 2  # image px: a click lands on the screen pixel grid, the editor ro
 def choices(comfy_base, tmp_path_factory) -> dict:
     """The tiny models in the server's models/ tree, before any page opens (so the combos list them)."""
     return place_models(comfy_base / "models", "", tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture(scope="module")
-def uploads(client) -> dict:
-    files = input_files()
-    for name, data in files.items():
-        assert client.upload_image(data, name) == name
-    return files
 
 
 def frames(page, n: int = 2) -> None:

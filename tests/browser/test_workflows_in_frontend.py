@@ -36,7 +36,7 @@ import pytest
 
 from tests.harness import frontend as fe
 from tests.harness.comfy_server import ComfyClient, load_api_workflow
-from tests.harness.workflow_inputs import edits_for, input_files, place_models
+from tests.harness.workflow_inputs import edits_for, place_models
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 UI_DIR = REPO_ROOT / "workflows"
@@ -63,14 +63,6 @@ def choices(comfy_base, tiny_flux, tmp_path_factory) -> dict:
     """The tiny models in the server's models/ tree (before any page opens, so the combos list them)."""
     return place_models(comfy_base / "models", tiny_flux["choice_diffusers"], tmp_path_factory.getbasetemp())
 
-
-@pytest.fixture(scope="module")
-def uploads(client) -> dict:
-    """The pictures and the PSD the workflows' loaders name, uploaded the way the upload button does."""
-    files = input_files()
-    for name, data in files.items():
-        assert client.upload_image(data, name) == name
-    return files
 
 
 def server_view(prompt: dict) -> dict:
