@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from . import folders
 from .errors import InputError, ModelFileError, SettingError
 from .images import check_image
 from .memory import (
@@ -137,26 +138,7 @@ def find_model_folders(roots: Iterable[str | Path], model_types: Sequence[str] |
     supported VLM (``Qwen2.5-VL-3B-Instruct`` or ``Qwen/Qwen2.5-VL-3B-Instruct``). Weights are not checked here:
     a folder still downloading is listed, and loading it says what is missing."""
     wanted = set(supported_model_types() if model_types is None else model_types)
-    found: list[tuple[str, Path]] = []
-    seen: set[str] = set()
-    for root in roots:
-        base = Path(root)
-        if not base.is_dir():
-            continue
-        for child in sorted(base.iterdir()):
-            if not child.is_dir():
-                continue
-            candidates = [(child.name, child)]
-            if folder_model_type(child) is None:
-                try:
-                    candidates = [(f"{child.name}/{g.name}", g) for g in sorted(child.iterdir()) if g.is_dir()]
-                except OSError:
-                    continue
-            for name, path in candidates:
-                if name not in seen and folder_model_type(path) in wanted:
-                    seen.add(name)
-                    found.append((name, path))
-    return found
+    return folders.find_model_folders(roots, lambda p: folder_model_type(p) in wanted)
 
 
 def resolve_folder(name: str, roots: Iterable[str | Path]) -> Path:

@@ -25,6 +25,8 @@ from functools import lru_cache
 from pathlib import Path
 
 from .errors import ModelFileError
+from .folders import check_diffusers_folder as check_folder
+from .folders import diffusers_pipeline_class  # noqa: F401 - part of this module's API
 
 log = logging.getLogger("atelier")
 
@@ -112,34 +114,9 @@ def is_flux_fill_transformer_file(path: str | os.PathLike) -> bool:
     return in_ch > 2 * out_ch
 
 
-def diffusers_pipeline_class(folder: str | os.PathLike) -> str | None:
-    try:
-        with open(Path(folder) / "model_index.json", encoding="utf-8") as f:
-            return json.load(f).get("_class_name")
-    except (OSError, ValueError):
-        return None
-
-
 def check_diffusers_folder(folder: str | os.PathLike) -> None:
     """Raise a ModelFileError listing what is missing or wrong in a FluxFillPipeline folder."""
-    folder = Path(folder)
-    cls = diffusers_pipeline_class(folder)
-    if cls is None:
-        raise ModelFileError(f"a diffusers folder with model_index.json in '{folder}'", "no readable model_index.json",
-                             "Put the whole FLUX.1-Fill-dev folder (as save_pretrained writes it) under models/diffusers.")
-    if cls != FLUX_FILL_PIPELINE:
-        raise ModelFileError(f"a {FLUX_FILL_PIPELINE} folder", f"a {cls} folder ('{folder.name}')",
-                             "Pick a FLUX.1 Fill model (black-forest-labs/FLUX.1-Fill-dev) in the model list.")
-    missing = []
-    for part, patterns in DIFFUSERS_PARTS.items():
-        for pat in patterns:  # "a|b": either file will do
-            if not any(list((folder / part).glob(alt)) for alt in pat.split("|")):
-                missing.append(f"{part}/{pat.replace('|', ' or ')}")
-    if missing:
-        expected = ", ".join(f"{p}/{'+'.join(f).replace('|', ' or ')}" for p, f in DIFFUSERS_PARTS.items())
-        raise ModelFileError(f"a complete FLUX.1 Fill folder ({expected})",
-                             f"'{folder}' without {', '.join(missing)}",
-                             "Copy the missing files from the model's repository (every subfolder) into that folder.")
+    check_folder(folder, FLUX_FILL_PIPELINE, DIFFUSERS_PARTS, "FLUX.1 Fill", "black-forest-labs/FLUX.1-Fill-dev")
 
 
 # ------------------------------------------------------------------------------------- configs from shapes

@@ -16,7 +16,6 @@ Layer order everywhere in Atelier: layer 1 (index 0) is the bottom, the last is 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -25,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import pipelines
-from .errors import InputError, ModelFileError, SettingError
+from . import folders, pipelines
+from .errors import InputError, SettingError
 from .images import check_image, check_mask
 from .memory import Footprint, dtype_name
 from .progress import NullProgress, Progress
@@ -97,35 +96,10 @@ class SplitResult:
 # ------------------------------------------------------------------------------------------------ files
 
 
-def pipeline_class_name(folder: str | Path) -> str | None:
-    try:
-        with open(Path(folder) / "model_index.json", encoding="utf-8") as f:
-            return json.load(f).get("_class_name")
-    except (OSError, ValueError):
-        return None
-
-
 def check_folder(folder: str | Path) -> None:
     """Raise a ModelFileError listing what is missing or wrong in a QwenImageLayeredPipeline folder."""
-    folder = Path(folder)
-    cls = pipeline_class_name(folder)
-    if cls is None:
-        raise ModelFileError(f"a diffusers folder with model_index.json in '{folder}'", "no readable model_index.json",
-                             "Put the whole Qwen-Image-Layered folder (Qwen/Qwen-Image-Layered, every subfolder) "
-                             "under models/diffusers.")
-    if cls != PIPELINE_CLASS:
-        raise ModelFileError(f"a {PIPELINE_CLASS} folder", f"a {cls} folder ('{folder.name}')",
-                             "Pick the Qwen-Image-Layered model in the list.")
-    missing = []
-    for part, patterns in DIFFUSERS_PARTS.items():
-        for pat in patterns:
-            if not any(list((folder / part).glob(alt)) for alt in pat.split("|")):
-                missing.append(f"{part}/{pat.replace('|', ' or ')}")
-    if missing:
-        expected = ", ".join(f"{p}/{'+'.join(f).replace('|', ' or ')}" for p, f in DIFFUSERS_PARTS.items())
-        raise ModelFileError(f"a complete Qwen-Image-Layered folder (model_index.json, {expected})",
-                             f"'{folder}' without {', '.join(missing)}",
-                             "Copy the missing files from Qwen/Qwen-Image-Layered (every subfolder) into that folder.")
+    folders.check_diffusers_folder(folder, PIPELINE_CLASS, DIFFUSERS_PARTS, "Qwen-Image-Layered",
+                                   "Qwen/Qwen-Image-Layered")
 
 
 def part_sizes(folder: str | Path) -> dict[str, int]:

@@ -107,6 +107,11 @@ class StepTimer:
         torch.cuda.synchronize()
         self.times.append(time.perf_counter())
 
+    def stats(self) -> dict:
+        """Mean step (the first interval starts at the first step's end: warm-up excluded) and every step."""
+        per = [b - a for a, b in zip(self.times, self.times[1:])]
+        return {"step_s": round(sum(per) / len(per), 4) if per else None, "step_s_all": [round(x, 4) for x in per]}
+
 
 def run_one(model_dir: Path, quantization: str, offload: str, steps: int, size: int, **toggles) -> dict:
     gc.collect()
@@ -136,9 +141,7 @@ def run_one(model_dir: Path, quantization: str, offload: str, steps: int, size: 
                            guidance=30.0, seed=0, composite_back=True, progress=timer)
         torch.cuda.synchronize()
         row["job_s"] = round(time.perf_counter() - t1, 2)
-        per = [b - a for a, b in zip(timer.times, timer.times[1:])]
-        row["step_s"] = round(sum(per) / len(per), 4) if per else None
-        row["step_s_all"] = [round(x, 4) for x in per]
+        row.update(timer.stats())
         row["peak_vram_gib"] = round(torch.cuda.max_memory_allocated() / GiB, 2)
         row["finite"] = bool(torch.isfinite(out).all())
         del model, out

@@ -165,9 +165,7 @@ def run_one(model_dir: Path, quantization: str, offload: str, steps: int, resolu
                            prompt=prompt, language="en", progress=timer)
         torch.cuda.synchronize()
         row["job_s"] = round(time.perf_counter() - t1, 2)
-        per = [b - a for a, b in zip(timer.times, timer.times[1:])]
-        row["step_s"] = round(sum(per) / len(per), 4) if per else None
-        row["step_s_all"] = [round(x, 4) for x in per]
+        row.update(timer.stats())
         row["peak_vram_gib"] = round(torch.cuda.max_memory_allocated() / GiB, 2)
         row["layer_size"] = list(out.layers.shape[1:3])
         row["finite"] = bool(torch.isfinite(out.layers).all() and torch.isfinite(out.alphas).all())

@@ -18,7 +18,7 @@ import torch
 from comfy.model_patcher import ModelPatcher
 from comfy_api.latest import io
 
-from ..atelier import fill, flux_files
+from ..atelier import fill, flux_files, folders
 from ..atelier.errors import ModelFileError
 from ..atelier.registry import REGISTRY
 from ..atelier.types import FluxFillFiles, FluxFillHandle
@@ -56,21 +56,8 @@ SINGLE_PREFIX = "diffusion_models/"
 
 def _diffusers_folders() -> list[tuple[str, Path]]:
     """(name relative to a models/diffusers root, path) of every folder holding model_index.json (2 levels deep)."""
-    found = []
-    for root in folder_paths.get_folder_paths("diffusers"):
-        base = Path(root)
-        if not base.is_dir():
-            continue
-        for child in sorted(base.iterdir()):
-            if not child.is_dir():
-                continue
-            if (child / "model_index.json").is_file():
-                found.append((child.name, child))
-                continue
-            for grandchild in sorted(child.iterdir()) if os.access(child, os.R_OK) else []:
-                if grandchild.is_dir() and (grandchild / "model_index.json").is_file():
-                    found.append((f"{child.name}/{grandchild.name}", grandchild))
-    return found
+    return folders.find_model_folders(folder_paths.get_folder_paths("diffusers"),
+                                      lambda p: (p / "model_index.json").is_file())
 
 
 def flux_fill_choices() -> list[str]:
@@ -368,7 +355,7 @@ def layered_choices() -> list[str]:
     from ..atelier import layers
 
     return [DIFFUSERS_PREFIX + name for name, path in _diffusers_folders()
-            if layers.pipeline_class_name(path) == layers.PIPELINE_CLASS]
+            if folders.diffusers_pipeline_class(path) == layers.PIPELINE_CLASS]
 
 
 def layered_folder(model: str) -> str:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from comfy_api.latest import io, ui
 
 from ..atelier import captioner
-from ..atelier.types import DTYPES, QUANTIZATIONS
+from ..atelier.types import QUANTIZATIONS
 from . import _bridge as bridge
+from . import _settings as settings
 from ._bridge import VLM
 
 
@@ -41,8 +42,7 @@ class AtelierVLMLoader(io.ComfyNode):
                                tooltip="auto = all on the GPU when it fits, else model; none = all on the GPU; "
                                        "model = what fits in the free VRAM goes on the GPU, the rest stays in RAM "
                                        "and streams each token (slower). On the CPU everything runs in RAM."),
-                io.Combo.Input("dtype", options=list(DTYPES), default="auto",
-                               tooltip="auto = bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."),
+                settings.dtype(),
             ],
             outputs=[VLM.Output(display_name="vlm")],
         )

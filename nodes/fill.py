@@ -5,8 +5,9 @@ from __future__ import annotations
 from comfy_api.latest import io, ui
 
 from ..atelier import fill
-from ..atelier.types import DTYPES, OFFLOADS, QUANTIZATIONS, FluxFillSpec
+from ..atelier.types import FluxFillSpec
 from . import _bridge as bridge
+from . import _settings as settings
 from ._bridge import FluxFillPipe
 
 
@@ -24,25 +25,15 @@ class AtelierFluxFillLoader(io.ComfyNode):
                                tooltip="FLUX.1 Fill: a diffusers folder in models/diffusers, or "
                                        "flux1-fill-dev*.safetensors in models/diffusion_models (then clip_l, t5xxl "
                                        "and vae below are used)."),
-                io.Combo.Input("quantization", options=list(QUANTIZATIONS), default="none",
-                               tooltip="none = bf16/fp16 weights; int8 = LLM.int8 (bitsandbytes); nf4 = 4-bit "
-                                       "(bitsandbytes): transformer and T5 quantized. Needs an NVIDIA GPU."),
-                io.Combo.Input("offload", options=list(OFFLOADS), default="auto",
-                               tooltip="auto = fastest mode that fits the free VRAM; none = all on the GPU; model = "
-                                       "one part on the GPU at a time; sequential = stream layers from RAM "
-                                       "(lowest VRAM, diffusers group offloading with CUDA streams)."),
+                settings.quantization("transformer and T5 quantized"),
+                settings.offload(),
                 io.Boolean.Input("attention_slicing", default=False,
                                  tooltip="Compute attention in chunks of queries: less memory where PyTorch has no "
                                          "memory-efficient attention (CPU, old GPUs); slower elsewhere."),
-                io.Boolean.Input("vae_slicing", default=False,
-                                 tooltip="Decode batch items one at a time."),
-                io.Boolean.Input("vae_tiling", default=False,
-                                 tooltip="Encode/decode in tiles: large images on small GPUs."),
-                io.Float.Input("first_block_cache", default=0.0, min=0.0, max=0.99, step=0.01,
-                               tooltip="FirstBlockCache threshold (0 = off). 0.05–0.12 skips steps whose first "
-                                       "block barely changes: faster, slightly different pixels."),
-                io.Combo.Input("dtype", options=list(DTYPES), default="auto",
-                               tooltip="auto = bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."),
+                settings.vae_slicing("Decode batch items one at a time."),
+                settings.vae_tiling("Encode/decode in tiles: large images on small GPUs."),
+                settings.first_block_cache(),
+                settings.dtype(),
                 io.Combo.Input("clip_l", options=bridge.file_choices("text_encoders"), default=bridge.AUTO,
                                optional=True, tooltip="Single-file models only: CLIP-L in models/text_encoders "
                                                       "(auto = a name containing clip_l)."),

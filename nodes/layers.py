@@ -10,8 +10,8 @@ from comfy_api.latest import io
 from ..atelier import layer_files
 from ..atelier import layers as layered
 from ..atelier.errors import InputError
-from ..atelier.types import DTYPES, OFFLOADS, QUANTIZATIONS
 from . import _bridge as bridge
+from . import _settings as settings
 from ._bridge import Layered
 
 CATEGORY = "atelier/layers"
@@ -49,22 +49,12 @@ class AtelierLayeredLoader(io.ComfyNode):
                 io.Combo.Input("model", options=bridge.layered_choices(),
                                tooltip="Qwen-Image-Layered: a diffusers folder in models/diffusers whose "
                                        "model_index.json names QwenImageLayeredPipeline (Qwen/Qwen-Image-Layered)."),
-                io.Combo.Input("quantization", options=list(QUANTIZATIONS), default="none",
-                               tooltip="none = bf16/fp16 weights; int8 = LLM.int8 (bitsandbytes); nf4 = 4-bit "
-                                       "(bitsandbytes): transformer and Qwen2.5-VL text encoder quantized. Needs an "
-                                       "NVIDIA GPU."),
-                io.Combo.Input("offload", options=list(OFFLOADS), default="auto",
-                               tooltip="auto = fastest mode that fits the free VRAM; none = all on the GPU; model = "
-                                       "one part on the GPU at a time; sequential = stream layers from RAM "
-                                       "(lowest VRAM, diffusers group offloading with CUDA streams)."),
-                io.Boolean.Input("vae_slicing", default=False, tooltip="Decode the layers one at a time."),
-                io.Boolean.Input("vae_tiling", default=False,
-                                 tooltip="Encode/decode in tiles: less VRAM for the 1024 bucket."),
-                io.Float.Input("first_block_cache", default=0.0, min=0.0, max=0.99, step=0.01,
-                               tooltip="FirstBlockCache threshold (0 = off). 0.05–0.12 skips steps whose first "
-                                       "block barely changes: faster, slightly different pixels."),
-                io.Combo.Input("dtype", options=list(DTYPES), default="auto",
-                               tooltip="auto = bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."),
+                settings.quantization("transformer and Qwen2.5-VL text encoder quantized"),
+                settings.offload(),
+                settings.vae_slicing("Decode the layers one at a time."),
+                settings.vae_tiling("Encode/decode in tiles: less VRAM for the 1024 bucket."),
+                settings.first_block_cache(),
+                settings.dtype(),
             ],
             outputs=[Layered.Output(display_name="pipe")],
         )
