@@ -33,7 +33,7 @@ timed job; same counters). An eviction scenario checks that a core model needing
 pipeline instead of failing with OOM (this process holds VRAM as ballast so that both cannot fit).
 
 Rows are appended to the JSON after each setting; a rerun skips rows already there (``--redo`` to repeat them).
-`report.py` turns the file into the README table and `plot.py` into the time-vs-VRAM plot.
+`report_comfy.py` turns the file into the README's tables (`--readme`) and the time-vs-VRAM plot (`--plot`).
 """
 
 from __future__ import annotations

@@ -1,19 +1,17 @@
-"""Render benchmark results (benchmarks/results/*.json) as the Markdown table the README quotes.
+"""Render engine-level FLUX Fill results (`bench_flux_fill.py run`) as a Markdown table.
 
-    python benchmarks/report.py benchmarks/results/flux_fill_h100.json            # print the table
-    python benchmarks/report.py benchmarks/results/flux_fill_h100.json --readme   # rewrite README's table
+    python benchmarks/report.py benchmarks/results/flux_fill_h100.json
+
+The README quotes the ComfyUI-server benchmark instead (`report_comfy.py`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-START, END = "<!-- bench:flux_fill:start -->", "<!-- bench:flux_fill:end -->"
 
 
 def _setting(r: dict) -> str:
@@ -48,15 +46,8 @@ def table(doc: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("json", type=Path)
-    ap.add_argument("--readme", action="store_true")
     a = ap.parse_args()
-    text = table(json.loads(a.json.read_text()))
-    if not a.readme:
-        sys.stdout.write(text + "\n")
-        return
-    readme = README.read_text(encoding="utf-8")
-    new = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: f"{START}\n{text}\n{END}", readme, flags=re.S)
-    README.write_text(new, encoding="utf-8")
+    sys.stdout.write(table(json.loads(a.json.read_text())) + "\n")
 
 
 if __name__ == "__main__":
