@@ -41,6 +41,13 @@ if [ "$(cat "$venv/.atelier-stamp" 2>/dev/null)" != "$want" ]; then
   SAM2_BUILD_CUDA=0 "$venv/bin/python" -m pip install -q --no-build-isolation --no-deps "sam2>=1.0"
   echo "$want" > "$venv/.atelier-stamp"
 fi
+# 2b. BlazePose's real weights for the pose tests: the three .tflite files inside PyPI's mediapipe==0.10.21 wheel,
+#     fetched with pip (no deps, nothing installed) and extracted once into $cache/pose (sha256 checked)
+if [ ! -f "$cache/pose/.atelier-stamp" ]; then
+  log "extracting BlazePose's .tflite files from PyPI mediapipe==0.10.21 into $cache/pose"
+  "$venv/bin/python" "$here/install.py" --pose-models --dest "$cache/pose"
+  echo "mediapipe==0.10.21" > "$cache/pose/.atelier-stamp"
+fi
 # 3. GIMP and LibreOffice Impress: the layer-export tests open the PSD in GIMP and render the PPTX with LibreOffice.
 #    Installed only when missing, and only where apt-get can run (root); elsewhere those two tests skip and say why.
 if ! command -v gimp >/dev/null 2>&1 || ! command -v soffice >/dev/null 2>&1; then

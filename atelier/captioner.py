@@ -41,6 +41,7 @@ from .memory import (
     resident_vram,
     quant_mode,
     resolve_dtype,
+    transformers_dtype_kwarg,
     transformers_quant_config,
 )
 from .progress import NullProgress, Progress
@@ -330,14 +331,6 @@ class VLMModel:
         del model
 
 
-def _dtype_kwarg() -> str:
-    """transformers 4.56 renamed from_pretrained's ``torch_dtype`` to ``dtype``."""
-    import transformers
-
-    major, minor = (int(x) for x in re.findall(r"\d+", transformers.__version__)[:2])
-    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-
-
 def load(handle: VLMHandle, max_gpu_bytes: int | None = None) -> VLMModel:
     """Build the model and its processor in the handle's resolved offload mode. ``max_gpu_bytes`` caps the GPU
     share under offload ``model`` (default: the free VRAM less a reserve for activations)."""
@@ -359,7 +352,7 @@ def load(handle: VLMHandle, max_gpu_bytes: int | None = None) -> VLMModel:
     t0 = time.perf_counter()
     log.info("Atelier: loading %s from %s (%s, quantization %s, offload %s: %s)", family, spec.path,
              dtype_name(dtype), spec.quantization, mode, why)
-    kwargs: dict[str, Any] = {_dtype_kwarg(): dtype, "local_files_only": True, "trust_remote_code": False}
+    kwargs: dict[str, Any] = {transformers_dtype_kwarg(): dtype, "local_files_only": True, "trust_remote_code": False}
     quant = transformers_quant_config(spec.quantization, dtype)
     resident = fp.total
     if is_cuda(device):

@@ -192,6 +192,25 @@ def _assemble(tarball: Path, key: str, out: Path, sha: str, size: int) -> None:
         os.replace(part, out)
 
 
+# ------------------------------------------------------------------------------------------------ BlazePose
+
+
+def blazepose_dir() -> Path:
+    """$ATELIER_CACHE/pose with BlazePose's three .tflite files (sha256 checked), put there by .ci/setup_env.sh:
+    ``python install.py --pose-models --dest $ATELIER_CACHE/pose`` pip-downloads mediapipe==0.10.21 and extracts
+    them. Tests only read them."""
+    import importlib.util
+
+    folder = cache_dir() / "pose"
+    spec = importlib.util.spec_from_file_location("atelier_install", Path(__file__).resolve().parents[2] / "install.py")
+    install = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(install)
+    if not install.pose_models_present(folder):
+        raise WeightsUnavailable(f"BlazePose's .tflite files are not in {folder}: run bash .ci/setup_env.sh (or "
+                                 f"python install.py --pose-models --dest {folder})")
+    return folder
+
+
 # ------------------------------------------------------------------------------------------- test images
 
 
