@@ -4,7 +4,7 @@
 33 landmarks (pixels), in body units (``u`` = the larger of the shoulder width and 0.6 × the torso length):
 
 * ``upper_body``: the torso (shoulders widened 15 %, lifted 0.08 u for the neckline, hips widened 25 %, down to
-  0.1 torso below the hip line) and both arms shoulder → elbow → wrist as sleeves 0.32 u wide;
+  0.1 torso below the hip line; the collar, half the shoulder width wide, rises 0.08 u + 0.3 u × expand) and both arms shoulder → elbow → wrist as sleeves 0.32 u wide;
 * ``lower_body``: the pelvis (0.2 torso above the hips to the crotch) and both legs hip → knee → ankle 0.38 u wide;
 * ``dress``: the upper body plus a skirt from the hips to the knees;
 * ``full_body``: upper and lower body together.
@@ -111,7 +111,10 @@ def _upper(b: Body, e: float, size) -> np.ndarray:
     lift = -b.down * 0.08 * b.u
     lh, rh = b.widened(LH, RH, b.mh, 1.25)
     hem = b.down * (0.1 + 0.6 * e) * b.torso
-    torso = _hull([ls + lift, rs + lift, ls, rs, lh, rh, lh + hem, rh + hem])
+    across = (b.p[LS] - b.p[RS]) / (b.sw or 1.0) * 0.25 * b.sw
+    collar = -b.down * (0.08 + 0.3 * e) * b.u  # a looser garment may rise up the neck (high collars, hoods)
+    torso = _hull([ls + lift, rs + lift, ls, rs, b.ms + across + collar, b.ms - across + collar, lh, rh,
+                   lh + hem, rh + hem])
     arm_w = 0.32 * b.u * (1 + 0.5 * e)
     arms = [([b.p[LS], b.p[LE], b.p[LW]], arm_w), ([b.p[RS], b.p[RE], b.p[RW]], arm_w)]
     return _draw(size, polygons=[torso], lines=arms)

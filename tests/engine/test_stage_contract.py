@@ -39,6 +39,14 @@ def _spec(group: str, base: Path, tiny_dir: Path):
 
         path = tiny_sam2.write_checkpoints(base / "contract-sam2")["pt"]
         return segmenter.SAM2Spec(path=str(path), stamp=segmenter.file_stamp(path))
+    if group == "pose":
+        pose = pytest.importorskip("atelier.pose", reason="ai-edge-litert is not installed", exc_type=ImportError)
+        return pose.make_spec(str(real_weights.blazepose_dir() / pose.LANDMARK_NAME))
+    if group == "depth":
+        from atelier.depth import DepthSpec
+        from tests.harness import tiny_depth
+
+        return DepthSpec(path=str(tiny_depth.build_depth_anything(base / "contract-depth")))
     raise AssertionError(f"no tiny model for the stage {group!r}: add one here when adding the stage")
 
 
