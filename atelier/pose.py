@@ -23,6 +23,7 @@ presence. Importing this module imports ``ai_edge_litert``: without it the impor
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -438,7 +439,7 @@ def estimate(model: PoseModel, rgb: np.ndarray) -> Person | None:
     return Person(landmarks=pts, score=det["score"], presence=flag, roi=roi)
 
 
-def person_mask(model: PoseModel, rgb: np.ndarray) -> np.ndarray:
+def segment_person(model: PoseModel, rgb: np.ndarray) -> np.ndarray:
     """The selfie segmenter's person probability ``[H, W]`` in [0, 1] for one picture (HWC float [0, 1])."""
     model._check()
     if model.segmenter is None:
@@ -468,6 +469,96 @@ def estimate_batch(model: PoseModel, image: torch.Tensor, progress: Progress | N
 
 def no_person_error(index: int | None = None) -> InputError:
     where = "the picture" if index is None else f"picture {index}"
-    return InputError("a picture with a person BlazePose can find (a body from head to hips at least, not too "
-                      "small)", f"no person in {where}", "Use a photo of the person, or connect a person_mask "
-                      "and keypoints made elsewhere.")
+    return InputError("a picture with a person BlazePose can find (head and shoulders visible, not too small)",
+                      f"no person in {where}", "Use a photo of the person wearing the garment's area, facing the "
+                      "camera; crop it so the person fills a good part of the picture.")
+
+
+# ------------------------------------------------------------------------------------------ node-level runs
+
+
+def _blazepose_extra(person: Person) -> dict:
+    return {"atelier_blazepose_33": [[round(float(v), 2) for v in p] for p in person.landmarks[:, [0, 1, 3]]]}
+
+
+def pose_maps(model: PoseModel | None, image: torch.Tensor, min_confidence: float = 0.5, keypoints_in: str = "",
+              progress: Progress | None = None) -> tuple[torch.Tensor, str, list[str]]:
+    """OpenPose skeleton maps (IMAGE, the picture's size), COCO-18 keypoints JSON (one frame per picture) and notes.
+
+    With ``keypoints_in`` (OpenPose JSON) the poses are drawn as given (scaled from their canvas to the picture;
+    one map per JSON frame) and ``model`` is not used. A frame without a person gives a black map and a note."""
+    from . import openpose
+
+    progress = progress or NullProgress()
+    image = check_image(image)
+    b, h, w, _ = image.shape
+    notes: list[str] = []
+    frames: list[dict] = []
+    maps = []
+    if keypoints_in and keypoints_in.strip():
+        for i, frame in enumerate(openpose.parse_frames(keypoints_in)):
+            people = [np.where((p[:, 2:3] >= min_confidence) & (p[:, 2:3] > 0), p, 0.0)
+                      for p in openpose.scale_people(frame, w, h)]
+            if not any((p[:, 2] > 0).any() for p in people):
+                notes.append(f"frame {i}: no person in keypoints_in")
+            maps.append(openpose.render(people, w, h))
+            frames.append(openpose.frame_json(people, w, h))
+            progress.step(1)
+    else:
+        if model is None:
+            raise InputError("a BlazePose model or keypoints_in", "neither", "Pick the model in models/pose.")
+        for i in range(b):
+            person = estimate(model, image[i].detach().clamp(0, 1).cpu().numpy())
+            people, extra = [], []
+            if person is not None:
+                coco = openpose.coco18_from_blazepose(person.landmarks[:, [0, 1, 3]], min_confidence, (w, h))
+                if (coco[:, 2] > 0).any():
+                    people, extra = [coco], [_blazepose_extra(person)]
+            if not people:
+                notes.append(f"frame {i}: no person found" if person is None else
+                             f"frame {i}: no keypoint reached min_confidence {min_confidence:g}")
+            maps.append(openpose.render(people, w, h))
+            frames.append(openpose.frame_json(people, w, h, extra))
+            progress.step(1)
+    out = torch.from_numpy(np.stack(maps).astype(np.float32) / 255.0)
+    for n in notes:
+        log.info("Atelier: pose: %s", n)
+    return out, json.dumps(frames), notes
+
+
+def garment_masks(model: PoseModel, image: torch.Tensor, garment: str, expand: float = 0.0,
+                  protect_face: bool = True, protect_hands: bool = True, person_mask: torch.Tensor | None = None,
+                  refine: Any = None, progress: Progress | None = None) -> tuple[torch.Tensor, str, torch.Tensor]:
+    """Try-on masks for every picture: (MASK, keypoints JSON, preview IMAGE). ``person_mask`` (MASK, 1 = person;
+    one for the batch or one per picture) replaces the selfie segmenter; ``refine(i, positive, negative)`` → bool
+    mask (e.g. SAM2 from the pose points). A picture without a person is an error."""
+    from . import garment as garments
+    from . import openpose
+    from .images import check_mask, match_mask_to_images
+
+    if garment not in garments.GARMENTS:
+        raise InputError(f"garment one of {', '.join(garments.GARMENTS)}", repr(garment), "Pick one in the list.")
+    progress = progress or NullProgress()
+    image = check_image(image)
+    b, h, w, _ = image.shape
+    given = None
+    if person_mask is not None:
+        given = match_mask_to_images(image, check_mask(person_mask, "person_mask"))
+        if float(given.max()) <= 0.5:
+            raise InputError("a person_mask with the person in it (1 = person)", "an empty mask",
+                             "Connect the person's mask, or leave person_mask unconnected to compute it.")
+    masks, previews, frames = [], [], []
+    for i in range(b):
+        rgb = image[i].detach().clamp(0, 1).cpu().numpy()
+        person = estimate(model, rgb)
+        if person is None:
+            raise no_person_error(i if b > 1 else None)
+        pm = given[i].cpu().numpy() if given is not None else segment_person(model, rgb)
+        one = None if refine is None else (lambda pos, neg, i=i: refine(i, pos, neg))
+        region = garments.garment_region(person.landmarks, pm, garment, expand, protect_face, protect_hands, one)
+        coco = openpose.coco18_from_blazepose(person.landmarks[:, [0, 1, 3]], 0.5, (w, h))
+        masks.append(region.astype(np.float32))
+        previews.append(garments.preview(rgb, region, openpose.render([coco], w, h)))
+        frames.append(openpose.frame_json([coco], w, h, [_blazepose_extra(person)]))
+        progress.step(1)
+    return (torch.from_numpy(np.stack(masks)), json.dumps(frames), torch.from_numpy(np.stack(previews)))

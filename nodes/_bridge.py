@@ -46,6 +46,8 @@ def _register_folder(name: str, extensions: set[str]) -> None:
 _register_folder("background_removal", {".onnx", ".safetensors", ".pth"})
 _register_folder("sam2", {".pt", ".safetensors"})
 _register_folder("LLM", {".safetensors", ".json"})
+_register_folder("pose", {".tflite"})
+_register_folder("depth", {".safetensors", ".json"})
 
 AUTO = "auto"
 DIFFUSERS_PREFIX = "diffusers/"
@@ -321,12 +323,69 @@ def sam2_path(name: str) -> str:
 
 def sam2_fingerprint(name: str):
     """Size and mtime of the chosen checkpoint: replacing it under the same name reruns the loader."""
-    path = folder_paths.get_full_path("sam2", name) if name else None
+    return file_fingerprint("sam2", name)
+
+
+def file_fingerprint(folder: str, name: str):
+    """(name, size, mtime) of a file chosen in a models/<folder> combo; (name, None) when it is not there."""
+    path = folder_paths.get_full_path(folder, name) if name else None
     try:
         st = os.stat(path) if path else None
     except OSError:
         st = None
     return (name, st.st_size, st.st_mtime_ns) if st else (name, None)
+
+
+# ------------------------------------------------------------------------------------- pose (BlazePose) and depth
+
+POSE_EXTENSION = ".tflite"
+
+
+def pose_choices() -> list[str]:
+    """The `model` combo of the pose nodes: BlazePose landmark models (.tflite named *landmark*) in models/pose;
+    every .tflite when none is named so."""
+    names = [n for n in folder_paths.get_filename_list("pose") if n.lower().endswith(POSE_EXTENSION)]
+    landmark = [n for n in names if "landmark" in Path(n).name.lower()]
+    return landmark or names
+
+
+def pose_spec(name: str):
+    """The pose stage's spec for the chosen landmark file (detector and segmenter found beside it or in any
+    models/pose folder)."""
+    from ..atelier import pose
+
+    path = folder_paths.get_full_path("pose", name) if name else None
+    if path is None:
+        roots = ", ".join(folder_paths.get_folder_paths("pose"))
+        raise ModelFileError(f"BlazePose's '{name}' in models/pose ({roots})", "no such file",
+                             "Put pose_landmark_full.tflite, pose_detection.tflite and selfie_segmentation.tflite "
+                             "there (python install.py --pose-models extracts them from PyPI's mediapipe==0.10.21) "
+                             "and refresh (R).")
+    return pose.make_spec(path, roots=folder_paths.get_folder_paths("pose"))
+
+
+def pose_fingerprint(name: str):
+    """Size and mtime of the chosen file: replacing it under the same name reruns the node."""
+    return file_fingerprint("pose", name)
+
+
+def depth_choices() -> list[str]:
+    """The depth node's `model` combo: transformers depth-estimation folders under models/depth (2 levels deep)."""
+    from ..atelier import depth
+
+    return [name for name, _ in folders.find_model_folders(folder_paths.get_folder_paths("depth"),
+                                                             depth.is_depth_folder)]
+
+
+def depth_folder(name: str) -> str:
+    from ..atelier import depth
+
+    for found, path in folders.find_model_folders(folder_paths.get_folder_paths("depth"), depth.is_depth_folder):
+        if found == name:
+            return str(path)
+    raise ModelFileError(f"the depth model folder '{name}' under models/depth", "no such folder",
+                         "Put a Depth Anything V2 / DPT folder (config.json, model.safetensors, "
+                         "preprocessor_config.json) in models/depth, then refresh (R) and pick it.")
 
 
 # ------------------------------------------------------------------------------------------ VLM captioner

@@ -40,7 +40,7 @@ def found():
     rgb = rw.astronaut().astype(np.float32) / 255.0
     person = pose.estimate(model, rgb)
     assert person is not None
-    return person.landmarks, pose.person_mask(model, rgb)
+    return person.landmarks, pose.segment_person(model, rgb)
 
 
 def test_upper_body_covers_the_torso_not_the_face(found):

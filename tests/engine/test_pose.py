@@ -68,7 +68,7 @@ def test_astronaut_coco18_points_where_they_belong(model, person, astronaut):
     h, w = astronaut.shape[:2]
     lm = person.landmarks
     coco = openpose.coco18_from_blazepose(lm[:, [0, 1, 3]], 0.5, (w, h))
-    mask = pose.person_mask(model, astronaut)
+    mask = pose.segment_person(model, astronaut)
     nose, neck = coco[C["nose"]], coco[C["neck"]]
     rs, ls = coco[C["right_shoulder"]], coco[C["left_shoulder"]]
     log.info("astronaut: detection %.3f, presence %.3f; nose %s, neck %s, right shoulder %s, left shoulder %s, "
