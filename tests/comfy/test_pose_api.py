@@ -247,3 +247,21 @@ def test_incomplete_depth_folder_is_a_clear_error(client, comfy_base, astronaut,
     msg = _run_error(client, depth_prompt(astronaut, model="depth-no-weights"))
     assert "model.safetensors" in msg and "preprocessor_config.json" in msg
     assert comfy_server.alive()
+
+
+def test_sam2_refinement_only_adds_near_the_region(client, pose_files, astronaut, comfy_base):
+    """SAM2 (a random tiny SAM 2.1: its masks are arbitrary) prompted from the pose points: the refined mask keeps
+    the pose region, adds only near it, and the face stays protected."""
+    pytest.importorskip("sam2")
+    from tests.harness import tiny_sam2
+
+    name = tiny_sam2.write_checkpoints(comfy_base / "models" / "sam2", formats=("pt",))["pt"].name
+    base = client.images(_run_ok(client, garment_prompt(astronaut)), "4")[0][..., 0] > 127
+    prompt = garment_prompt(astronaut)
+    prompt["8"] = {"class_type": "AtelierSAM2Loader", "inputs": {"model": name, "dtype": "fp32"}}
+    prompt["2"]["inputs"]["sam2"] = ["8", 0]
+    refined = client.images(_run_ok(client, prompt), "4")[0][..., 0] > 127
+    log.info("server garment mask with SAM2 (random weights): %d px, without %d px", refined.sum(), base.sum())
+    assert not (base & ~refined).any()
+    assert not refined[_box(FACE_BOX)].any()
+    assert not refined[:40].any()
