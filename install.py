@@ -57,6 +57,9 @@ def check() -> list[str]:
     if _version("bitsandbytes") is None:
         log.info("Atelier: bitsandbytes is not installed: quantization int8/nf4 will be unavailable "
                  "(pip install 'bitsandbytes>=0.46'); everything else works.")
+    if importlib.util.find_spec("ai_edge_litert") is None:
+        log.info("Atelier: ai-edge-litert is not installed: the Pose and Garment Mask nodes are off "
+                 "(pip install ai-edge-litert); everything else works.")
     try:
         import torch
 
