@@ -139,3 +139,21 @@ def test_released_model_says_so(pose_dir):
     m.close()
     with pytest.raises(Exception, match="released"):
         pose.estimate(m, np.zeros((64, 64, 3), dtype=np.float32))
+
+
+def test_without_litert_only_the_pose_engine_fails_naming_the_package(monkeypatch):
+    """The pack's __init__ leaves nodes/pose.py out on ModuleNotFoundError and tells users to pip install e.name;
+    the OpenPose drawing, garment shapes and depth do not need LiteRT."""
+    import importlib
+    import sys
+
+    for mod in [m for m in sys.modules if m.split(".")[0] == "ai_edge_litert"]:
+        monkeypatch.delitem(sys.modules, mod)
+    monkeypatch.setitem(sys.modules, "ai_edge_litert", None)  # makes `import ai_edge_litert` fail
+    monkeypatch.delitem(sys.modules, "atelier.pose")
+    with pytest.raises(ModuleNotFoundError) as e:
+        importlib.import_module("atelier.pose")
+    assert e.value.name == "ai-edge-litert"
+    for name in ("atelier.openpose", "atelier.garment", "atelier.depth"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+        importlib.import_module(name)
