@@ -115,6 +115,27 @@ def _box(box) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------ AtelierPose
 
 
+@pytest.mark.parametrize("node,category,inputs,outputs", [
+    ("AtelierPose", "atelier/animate", ["image", "model", "min_confidence", "keypoints_in"],
+     ["pose_image", "keypoints"]),
+    ("AtelierGarmentMask", "atelier/tryon",
+     ["image", "garment", "expand", "protect_face", "protect_hands", "model", "person_mask", "sam2"],
+     ["mask", "pose", "preview"]),
+    ("AtelierDepth", "atelier/tryon", ["image", "model", "resolution"], ["depth"]),
+])
+def test_schema_is_the_public_contract(client, pose_files, node, category, inputs, outputs):
+    info = client.object_info(node)
+    assert info["category"] == category
+    got = list(info["input"]["required"]) + list(info["input"].get("optional", {}))
+    assert got == inputs
+    assert info["output_name"] == outputs
+    for group in ("required", "optional"):
+        for name, spec in info["input"].get(group, {}).items():
+            assert len(spec) > 1 and spec[1].get("tooltip"), f"{node}.{name} has no tooltip"
+    if node != "AtelierDepth":
+        assert LANDMARK in info["input"]["required"]["model"][1]["options"]
+
+
 def test_pose_maps_and_keypoints_of_a_batch_with_an_empty_frame(client, pose_files, astronaut, comfy_server):
     entry = _run_ok(client, pose_prompt(astronaut, blank_second=True))
     maps = [m[..., :3] for m in client.images(entry, "3")]
