@@ -21,6 +21,8 @@ import numpy as np
 VLM_CHOICE = "tiny-qwen2_5_vl"  # the folder tests/comfy builds too (reused when it exists)
 LAYERED_CHOICE = "Qwen-Image-Layered-tiny"
 U2NETP = "u2netp.onnx"  # the workflows' own choice: the real file, no swap needed
+POSE_LANDMARK = "pose_landmark_full.tflite"  # real BlazePose files (mediapipe==0.10.21 wheel): no swap needed
+DEPTH_CHOICE = "depth-anything-tiny"  # the folder tests/comfy/test_pose_api.py builds too
 
 
 def place_models(models_root: Path, flux_choice: str, work_dir: Path) -> dict:
@@ -28,7 +30,7 @@ def place_models(models_root: Path, flux_choice: str, work_dir: Path) -> dict:
 
     `flux_choice`: the tiny FLUX.1 Fill's combo value (the `tiny_flux` fixture builds it); `work_dir`: where the
     tiny Qwen-Image-Layered is built once per session (a pytest basetemp)."""
-    from tests.harness import real_weights, tiny_layered, tiny_sam2, tiny_vlm
+    from tests.harness import real_weights, tiny_depth, tiny_layered, tiny_sam2, tiny_vlm
 
     models_root = Path(models_root)
     tiny_vlm.build("qwen2_5_vl", models_root / "LLM" / VLM_CHOICE)
@@ -42,7 +44,15 @@ def place_models(models_root: Path, flux_choice: str, work_dir: Path) -> dict:
     layered = models_root / "diffusers" / LAYERED_CHOICE
     if not layered.exists():
         layered.symlink_to(tiny_layered.shared_folder(work_dir), target_is_directory=True)
+    (models_root / "pose").mkdir(parents=True, exist_ok=True)
+    for f in real_weights.blazepose_dir().glob("*.tflite"):
+        if not (models_root / "pose" / f.name).exists():
+            (models_root / "pose" / f.name).symlink_to(f)
+    tiny_depth.build_depth_anything(models_root / "depth" / DEPTH_CHOICE)
     return {
+        "AtelierPose": POSE_LANDMARK,
+        "AtelierGarmentMask": POSE_LANDMARK,
+        "AtelierDepth": DEPTH_CHOICE,
         "AtelierFluxFillLoader": flux_choice,
         "AtelierVLMLoader": VLM_CHOICE,
         "AtelierBackgroundRemoverLoader": U2NETP,
@@ -137,4 +147,5 @@ def input_files() -> dict:
         "atelier_object_photo.png": png(photo),
         "atelier_layers_example.png": png(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)),
         "atelier_layers_example.psd": psd,
+        "atelier_person.png": png(real_weights.astronaut()),  # a person for the pose / try-on workflows
     }
