@@ -117,8 +117,13 @@ def official_state_dict(parts: dict[str, torch.nn.Module], postfuse: dict[str, t
     return {k: v.detach().clone().contiguous() for k, v in sd.items()}
 
 
+def config_sidecar_of(path: Path) -> Path:
+    """Where Atelier looks for a checkpoint's part sizes: ``<stem>.config.json`` beside it."""
+    return path.with_name(path.name[: -len(path.suffix)] + ".config.json")
+
+
 def write_sidecar(path: Path) -> Path:
-    side = path.with_name(path.name[: -len(path.suffix)] + ".config.json")
+    side = config_sidecar_of(path)
     side.write_text(json.dumps(CONFIGS, indent=1), encoding="utf-8")
     return side
 
