@@ -158,3 +158,28 @@ def test_stop_mid_run(client, tiny, pictures, ws, comfy_server):
     values = [m["data"]["value"] for m in ws.messages("progress") if m["data"].get("node") == "2"]
     assert max(values) < 200, "the run finished instead of stopping"
     assert comfy_server.alive()
+
+
+def test_multi_subject_workflow_runs(client, tiny):
+    """The shipped API twin with the artist's edits (tiny model, 2 steps, 64²): two photos through the background
+    remover into FastComposer; the picture differs from plain SD1.5 (alpha 1) with the same seed."""
+    from pathlib import Path
+
+    from tests.harness.comfy_server import load_api_workflow
+    from tests.harness.workflow_inputs import edits_for, input_files
+
+    api = load_api_workflow(Path(__file__).resolve().parents[2] / "workflows" / "api" / "multi_subject.json")
+    files = input_files()
+    for name in (api["2"]["inputs"]["image"], api["3"]["inputs"]["image"]):
+        client.upload_image(files[name], name)
+    assert api["7"]["inputs"]["model"] == "pytorch_model.bin" and api["8"]["inputs"]["subject_masks"] == ["6", 1]
+    edits = edits_for("multi_subject.json", {"AtelierFastComposerLoader": tiny["choice"]})
+    for node in api.values():
+        node["inputs"].update(edits.get(node["class_type"], {}))
+    entry = client.run(api)
+    assert ComfyClient.succeeded(entry), ComfyClient.error_message(entry)
+    (fused,) = client.images(entry, "9")
+    api["8"]["inputs"]["alpha"] = 1.0
+    plain = client.run(api)
+    assert ComfyClient.succeeded(plain), ComfyClient.error_message(plain)
+    assert fused.shape == (64, 64, 3) and np.abs(fused.astype(int) - client.images(plain, "9")[0].astype(int)).max() > 0
