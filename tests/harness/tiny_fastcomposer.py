@@ -110,7 +110,8 @@ def official_state_dict(parts: dict[str, torch.nn.Module], postfuse: dict[str, t
         sd["text_encoder.embeddings.position_ids"] = torch.arange(77).unsqueeze(0)
     if "image_encoder" in include:
         sd.update({f"image_encoder.{k}": v for k, v in parts["image_encoder"].state_dict().items()})
-        n = (CONFIGS["image_encoder"]["image_size"] // CONFIGS["image_encoder"]["patch_size"]) ** 2 + 1
+        cfg = parts["image_encoder"].config
+        n = (cfg.image_size // cfg.patch_size) ** 2 + 1
         sd["image_encoder.vision_model.embeddings.position_ids"] = torch.arange(n).unsqueeze(0)
     if "postfuse_module" in include:
         sd.update({f"postfuse_module.{k}": v for k, v in postfuse.items()})
