@@ -20,11 +20,12 @@ paper's 10 of 50 steps is 0.2). The official demo's ``alpha_`` counts the other 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from . import pipelines
-from .errors import InputError, ModelFileError, SettingError
+from .errors import InputError, ModelFileError
 from .images import check_image, check_mask
 from .memory import Footprint, dtype_name, footprint, plan_offload, resident_vram, resolve_dtype
 from .progress import NullProgress, Progress
@@ -126,8 +127,6 @@ def _build_parts(configs: dict[str, dict], empty: bool = True) -> dict[str, torc
 
     def clean(cfg: dict) -> dict:
         return {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("architectures", "model_type")}
-
-    import contextlib
 
     ctx = init_empty_weights(include_buffers=False) if empty else contextlib.nullcontext()
     with ctx:
