@@ -39,6 +39,12 @@ def _spec(group: str, base: Path, tiny_dir: Path):
 
         path = tiny_sam2.write_checkpoints(base / "contract-sam2")["pt"]
         return segmenter.SAM2Spec(path=str(path), stamp=segmenter.file_stamp(path))
+    if group == "fastcomposer":
+        from atelier import fastcomposer
+        from tests.harness import tiny_fastcomposer
+
+        path = tiny_fastcomposer.shared_folder(base)["checkpoint"]
+        return fastcomposer.make_spec(str(path), str(tiny_fastcomposer.tokenizer_dir()))
     raise AssertionError(f"no tiny model for the stage {group!r}: add one here when adding the stage")
 
 
