@@ -65,6 +65,7 @@ STAGE_MODULES: dict[str, str] = {
     "sam2": "segmenter",
     "pose": "pose",
     "depth": "depth",
+    "fastcomposer": "fastcomposer",
 }
 
 

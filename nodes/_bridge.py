@@ -31,6 +31,7 @@ FluxFillPipe = io.Custom("ATELIER_FLUX_FILL")
 VLM = io.Custom("ATELIER_VLM")
 BgRemover = io.Custom("ATELIER_BG_REMOVER")
 SAM2 = io.Custom("ATELIER_SAM2")
+FastComposer = io.Custom("ATELIER_FASTCOMPOSER")
 
 
 def _register_folder(name: str, extensions: set[str]) -> None:
@@ -48,6 +49,7 @@ _register_folder("sam2", {".pt", ".safetensors"})
 _register_folder("LLM", {".safetensors", ".json"})
 _register_folder("pose", {".tflite"})
 _register_folder("depth", {".safetensors", ".json"})
+_register_folder("fastcomposer", {".bin", ".safetensors"})  # the released pytorch_model.bin (weights_only load)
 
 AUTO = "auto"
 DIFFUSERS_PREFIX = "diffusers/"
@@ -474,3 +476,48 @@ def ui_pngs(arrays, prefix: str, max_side: int | None = PREVIEW_MAX_SIDE) -> lis
         img.save(os.path.join(folder, name), compress_level=1)
         out.append({"filename": name, "subfolder": subfolder, "type": "temp"})
     return out
+
+
+# ------------------------------------------------------------------------------------------- FastComposer
+
+NONE = "none"
+
+
+def fastcomposer_choices() -> list[str]:
+    """The loader's `model` combo: .bin / .safetensors files under models/fastcomposer."""
+    return [n for n in folder_paths.get_filename_list("fastcomposer") if n.lower().endswith((".bin", ".safetensors"))]
+
+
+def sd15_base_choices() -> list[str]:
+    """The loader's `base` combo: none, or a .safetensors checkpoint in models/checkpoints (an SD1.5)."""
+    return [NONE] + [n for n in folder_paths.get_filename_list("checkpoints") if n.endswith(".safetensors")]
+
+
+def _file_path(folder: str, name: str, what: str, hint: str) -> str:
+    path = folder_paths.get_full_path(folder, name) if name else None
+    if path is None:
+        raise ModelFileError(f"{what} '{name}' in models/{folder}", "no such file", hint)
+    return path
+
+
+def fastcomposer_spec(model: str, base: str, **settings):
+    """The loader's inputs → a FastComposer spec (files resolved, ComfyUI's CLIP tokenizer, ComfyUI's device)."""
+    from ..atelier import fastcomposer
+
+    path = _file_path("fastcomposer", model, "the FastComposer checkpoint",
+                      "Put FastComposer's pytorch_model.bin in models/fastcomposer (renaming it is fine), refresh "
+                      "(R) and pick it.")
+    base_path = None if base in (None, "", NONE) else _file_path(
+        "checkpoints", base, "the SD1.5 checkpoint", "Refresh (R) and pick a file that exists, or none.")
+    return fastcomposer.make_spec(path, tokenizer_dirs()[0], base_path, device=device(), **settings)
+
+
+def fastcomposer_fingerprint(model: str, base: str | None):
+    """Size and mtime of the chosen files: replacing one under the same name reruns the loader."""
+    from ..atelier.segmenter import file_stamp
+
+    out = []
+    for folder, name in (("fastcomposer", model), ("checkpoints", base)):
+        path = folder_paths.get_full_path(folder, name) if name and name != NONE else None
+        out.append((name, file_stamp(path) if path else None))
+    return tuple(out)

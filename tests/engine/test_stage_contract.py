@@ -47,6 +47,12 @@ def _spec(group: str, base: Path, tiny_dir: Path):
         from tests.harness import tiny_depth
 
         return DepthSpec(path=str(tiny_depth.build_depth_anything(base / "contract-depth")))
+    if group == "fastcomposer":
+        from atelier import fastcomposer
+        from tests.harness import tiny_fastcomposer
+
+        path = tiny_fastcomposer.shared_folder(base)["checkpoint"]
+        return fastcomposer.make_spec(str(path), str(tiny_fastcomposer.tokenizer_dir()))
     raise AssertionError(f"no tiny model for the stage {group!r}: add one here when adding the stage")
 
 

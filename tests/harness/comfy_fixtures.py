@@ -31,7 +31,7 @@ log = logging.getLogger("atelier.tests.comfy")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL_FOLDERS = ("diffusers", "diffusion_models", "text_encoders", "vae", "loras", "LLM", "sam2", "background_removal",
-                 "pose", "depth")
+                 "fastcomposer", "checkpoints", "pose", "depth")
 TINY_DIFFUSERS_NAME = "flux-fill-tiny"
 
 
