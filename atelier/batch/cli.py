@@ -25,6 +25,8 @@ def parser() -> argparse.ArgumentParser:
     where.add_argument("--servers", nargs="+", default=[], metavar="URL", help="existing ComfyUI servers")
     where.add_argument("--gpus", type=int, default=None, metavar="N",
                        help="start one ComfyUI (with this pack) per GPU, N GPUs (default with --ray: every GPU)")
+    where.add_argument("--servers-per-gpu", type=int, default=1, metavar="K",
+                       help="K servers share each GPU (Ray fractional GPUs; small models, default 1)")
     where.add_argument("--cpu-servers", type=int, default=0, metavar="N", help="start N CPU ComfyUI servers")
     where.add_argument("--ray", dest="ray_address", default=None, metavar="ADDRESS",
                        help="an existing Ray cluster (ray start --head); default: a local cluster on this machine")
@@ -58,7 +60,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
         cfg = BatchConfig(workflow=args.workflow, table=args.table, out=args.out, servers=args.servers,
-                          gpus=args.gpus, cpu_servers=args.cpu_servers, ray_address=args.ray_address,
+                          gpus=args.gpus, cpu_servers=args.cpu_servers, servers_per_gpu=args.servers_per_gpu, ray_address=args.ray_address,
                           comfyui=args.comfyui, base_directory=args.base_directory, server_args=args.server_arg,
                           sets=parse_sets(args.set), image_input=args.image_input, file_inputs=args.file_input,
                           retries=args.retries, max_restarts=args.max_restarts, per_server=args.per_server,

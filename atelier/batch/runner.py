@@ -44,6 +44,7 @@ class BatchConfig:
     servers: list = field(default_factory=list)   # existing ComfyUI URLs
     gpus: Optional[int] = None                    # start one ComfyUI per GPU (None: 0, or every GPU with --ray)
     cpu_servers: int = 0                          # start N CPU ComfyUI servers (tests, CPU machines)
+    servers_per_gpu: int = 1                      # >1: several servers share a GPU (Ray fractional GPUs)
     ray_address: Optional[str] = None
     comfyui: Optional[str] = None                 # ComfyUI tree for servers the runner starts
     base_directory: Optional[str] = None          # their --base-directory (models, custom_nodes)
@@ -132,7 +133,7 @@ def run_batch(cfg: BatchConfig, stop_after: Optional[int] = None) -> dict:
         todo = [r for r in manifest.items("pending") if r["id"] in by_id]
         log.info("batch: %d rows; %d to run (%s); %s", len(items), len(todo),
                  ", ".join(f"{k} {v}" for k, v in reset.items() if v) or "fresh", manifest.counts())
-        stats = {"ran": 0, "first_dispatch": None}
+        stats = {"ran": 0, "first_dispatch": None, "ids": set()}
         if todo:
             _drive(cfg, manifest, by_id, todo, stats, stop_after)
         counts = manifest.counts()
@@ -140,6 +141,7 @@ def run_batch(cfg: BatchConfig, stop_after: Optional[int] = None) -> dict:
         summary = {"counts": counts, "rows": len(items), "ran_this_run": stats["ran"],
                    "seconds": round(time.monotonic() - t_start, 2), "seconds_running": round(busy, 2),
                    "items_per_s": round(stats["ran"] / busy, 3) if busy > 0 and stats["ran"] else None,
+                   "items_per_s_steady": steady_rate(manifest, stats["ids"]),
                    "failed": [{"id": r["id"], "error": r["error"]} for r in manifest.items("failed")],
                    "servers": manifest.servers(), "manifest": str(manifest.path)}
         if cfg.report:
@@ -206,8 +208,8 @@ def _start_workers(ray, worker_cls, cfg: BatchConfig, job_started_here: bool) ->
     for i, url in enumerate(cfg.servers):
         h = remote.options(num_cpus=0, **common).remote(f"s{i}", url=url, item_timeout=cfg.item_timeout)
         workers.append(_Worker(f"s{i}", h))
-    for i in range(gpus):
-        h = remote.options(num_cpus=0, num_gpus=1, **common).remote(
+    for i in range(gpus * max(1, cfg.servers_per_gpu)):
+        h = remote.options(num_cpus=0, num_gpus=1 / max(1, cfg.servers_per_gpu), **common).remote(
             f"gpu{i}", launch={**launch, "cpu": False}, item_timeout=cfg.item_timeout)
         workers.append(_Worker(f"gpu{i}", h))
     for i in range(cfg.cpu_servers):
@@ -267,7 +269,9 @@ def _loop(ray, cfg, manifest, by_id, todo, workers, stats, stop_after) -> None:
             if not refs:
                 time.sleep(0.2)
                 continue
-            ready, _ = ray.wait(refs, num_returns=1, timeout=0.5)
+            ready, rest = ray.wait(refs, num_returns=1, timeout=0.5)
+            if ready and rest:  # take everything already finished in one pass (many servers: many per second)
+                ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
             for ref in ready:
                 if ref in pings:
                     _on_ping(ray, manifest, pings[ref], ref)
@@ -297,6 +301,7 @@ def _loop(ray, cfg, manifest, by_id, todo, workers, stats, stop_after) -> None:
                     _store(manifest, Path(cfg.out), item_id, result)
                     w.done += 1
                     stats["ran"] += 1
+                    stats["ids"].add(item_id)
                     finished += 1
                     bar.update(w.name)
                 elif result.get("retry"):
@@ -369,11 +374,26 @@ def _store(manifest: Manifest, out: Path, item_id: str, result: dict) -> None:
     manifest.done(item_id, names, result.get("server"), result.get("seconds", 0.0))
 
 
+def steady_rate(manifest: Manifest, ids) -> Optional[float]:
+    """Items/s once every server has finished its first item of this run (its model loaded): the rows that finished
+    after the last server's first finish, over that span. None with too few rows."""
+    rows = [r for r in manifest.items("done") if r["id"] in ids and r["finished"]]
+    first: dict = {}
+    for r in rows:
+        first[r["server"]] = min(first.get(r["server"], r["finished"]), r["finished"])
+    if not first:
+        return None
+    t0 = max(first.values())
+    later = [r["finished"] for r in rows if r["finished"] > t0]
+    return round(len(later) / (max(later) - t0), 3) if len(later) >= 2 else None
+
+
 def summary_lines(summary: dict) -> list[str]:
     c = summary["counts"]
     lines = [f"batch: {c['done']} done, {c['failed']} failed, {c['skipped']} skipped, {c['pending']} pending "
              f"of {summary['rows']} rows; this run: {summary['ran_this_run']} items in "
-             f"{summary['seconds_running']:.1f} s ({summary['items_per_s'] or 0:.2f} items/s)"]
+             f"{summary['seconds_running']:.1f} s ({summary['items_per_s'] or 0:.2f} items/s; "
+             f"{summary['items_per_s_steady'] or 0:.2f} once every server had its model)"]
     for f in summary["failed"]:
         lines.append(f"  failed {f['id']}: {f['error']}")
     for s in summary["servers"]:

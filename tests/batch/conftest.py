@@ -46,15 +46,17 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def servers(pack_base, tmp_path_factory):
     """Three CPU ComfyUI servers (the pack, the tiny FLUX Fill); each with its own input/output folders."""
-    started = []
+    from concurrent.futures import ThreadPoolExecutor
+
+    made = []
+    for i in range(N_SERVERS):
+        base = tmp_path_factory.mktemp(f"batch_server{i}")
+        (base / "models").symlink_to(pack_base / "models", target_is_directory=True)
+        made.append(ComfyServer(base, REPO_ROOT, env={"OMP_NUM_THREADS": "1"}))
     try:
-        for i in range(N_SERVERS):
-            base = tmp_path_factory.mktemp(f"batch_server{i}")
-            (base / "models").symlink_to(pack_base / "models", target_is_directory=True)
-            s = ComfyServer(base, REPO_ROOT, env={"OMP_NUM_THREADS": "1"})
-            s.start(timeout=300)
-            started.append(s)
-        yield started
+        with ThreadPoolExecutor(N_SERVERS) as pool:  # boot together
+            list(pool.map(lambda s: s.start(timeout=400), made))
+        yield made
     finally:
-        for s in started:
+        for s in made:
             s.stop()
