@@ -12,7 +12,7 @@ What it does:
   (`run_batch`) with `gpus=1, servers_per_gpu=K` — K ComfyUI servers started by Ray actors on the one GPU
   (fractional GPUs), the loader set to nf4, no offload, `--steps` steps;
 * per K: items/s over the whole run (model loading included: every server loads nf4 at the same time) and in
-  steady state (from the moment every server finished its first item), seconds per item, each server's VRAM
+  steady state (`items_per_s_steady`: from the moment every server finished its first item), seconds per item, each server's VRAM
   (nvidia-smi's per-process used memory, peak over the run) and the GPU's total.
 
 Rows are written to the JSON after each K.
@@ -66,17 +66,40 @@ def make_table(folder: Path, n: int, size: int) -> Path:
 
 
 class VramSampler:
-    """Peak used memory per process and of the whole GPU, from nvidia-smi every 0.5 s."""
+    """Every 0.5 s: each server's own CUDA memory (ComfyUI's /system_stats `torch_vram_total`: what its PyTorch
+    allocator holds; server URLs from the manifest) and nvidia-smi's per-process and whole-GPU used memory (pids
+    may be hidden in containers). Peaks are kept."""
 
-    def __init__(self):
+    def __init__(self, manifest: Path):
+        self.manifest = manifest
         self.per_pid: dict = {}
+        self.per_server: dict = {}
         self.gpu_peak_mib = 0
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
 
+    def _servers(self) -> list:
+        try:
+            db = sqlite3.connect(self.manifest)
+            try:
+                return db.execute("SELECT name, url FROM servers WHERE url IS NOT NULL").fetchall()
+            finally:
+                db.close()
+        except sqlite3.Error:
+            return []
+
     def _run(self) -> None:
+        import requests
+
         while not self._stop.is_set():
+            for name, url in self._servers():
+                try:
+                    dev = requests.get(url + "/system_stats", timeout=2).json()["devices"][0]
+                    gib = dev.get("torch_vram_total", 0) / 1024**3
+                    self.per_server[name] = max(self.per_server.get(name, 0.0), gib)
+                except (requests.RequestException, ValueError, KeyError, IndexError):
+                    pass
             try:
                 apps = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory",
                                        "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10)
@@ -86,7 +109,7 @@ class VramSampler:
                 tot = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
                                      capture_output=True, text=True, timeout=10)
                 self.gpu_peak_mib = max(self.gpu_peak_mib, int(tot.stdout.split()[0]))
-            except (OSError, ValueError, subprocess.SubprocessError):
+            except (OSError, ValueError, IndexError, subprocess.SubprocessError):
                 pass
             self._stop.wait(0.5)
 
@@ -100,7 +123,7 @@ def one(base: Path, table: Path, k: int, steps: int, per_server: int) -> dict:
 
     out = base / f"out_k{k}"
     subprocess.run(["rm", "-rf", str(out)], check=True)
-    vram = VramSampler()
+    vram = VramSampler(out / "manifest.sqlite")
     t0 = time.monotonic()
     try:
         s = run_batch(BatchConfig(
@@ -115,20 +138,18 @@ def one(base: Path, table: Path, k: int, steps: int, per_server: int) -> dict:
     items = db.execute("SELECT server, started, finished, seconds FROM items WHERE state='done'").fetchall()
     servers = db.execute("SELECT name, pid, done, restarts FROM servers").fetchall()
     db.close()
-    first_done = {}
+    first_done: dict = {}
     for server, _st, fin, _sec in items:
         first_done[server] = min(first_done.get(server, fin), fin)
-    steady_from = max(first_done.values())
-    steady = [it for it in items if it[1] >= steady_from]
-    last = max(it[2] for it in items)
-    secs = sorted(it[3] for it in steady) or [0]
+    secs = sorted(it[3] for it in items)
     return {
         "servers": k, "items": len(items), "failed": s["counts"]["failed"], "wall_s": round(wall, 1),
         "items_per_s_overall": s["items_per_s"],
-        "items_per_s_steady": round(len(steady) / (last - steady_from), 3) if last > steady_from else None,
-        "s_per_item_median_steady": round(secs[len(secs) // 2], 2),
+        "items_per_s_steady": s["items_per_s_steady"],
+        "s_per_item_median": round(secs[len(secs) // 2], 2),
         "first_item_s_max": round(max(first_done.values()) - min(it[1] for it in items), 1),
-        "vram_per_server_gib": {name: round(vram.per_pid.get(pid, 0) / 1024, 2) for name, pid, *_ in servers},
+        "torch_reserved_peak_gib_per_server": {k: round(v, 2) for k, v in vram.per_server.items()},
+        "nvidia_smi_peak_gib_per_server": {name: round(vram.per_pid.get(pid, 0) / 1024, 2) for name, pid, *_ in servers},
         "gpu_used_peak_gib": round(vram.gpu_peak_mib / 1024, 2),
         "done_per_server": {name: done for name, _pid, done, _r in servers},
     }

@@ -78,8 +78,11 @@ class Events:
         self._connect_lock = threading.Lock()
 
     def connect(self, timeout: float = 10) -> None:
-        import websocket  # websocket-client
-
+        try:
+            import websocket  # websocket-client
+        except ImportError as e:
+            raise ServerDown("websocket-client is not installed (pip install websocket-client): "
+                             "waiting by polling /history") from e
         with self._connect_lock:
             if self.closed:
                 self._connect(websocket, timeout)
@@ -174,6 +177,7 @@ class Comfy:
         self.session = requests.Session()
         self.events = Events(self.url, self.client_id)
         self._requests = requests
+        self._warned = False
 
     def _call(self, method: str, path: str, **kw):
         kw.setdefault("timeout", self.timeout)
@@ -219,10 +223,12 @@ class Comfy:
         Interrupted / ServerDown / TimeoutError. The websocket wakes the wait; /history decides the outcome."""
         try:
             self.events.connect()
-        except ServerDown:
+        except ServerDown as e:
             if not self.alive():
                 raise
-            log.warning("no websocket on %s; polling /history", self.url)
+            if not self._warned:
+                log.warning("no websocket on %s (%s); polling /history", self.url, e)
+                self._warned = True
         prompt_id = self.queue(prompt)
         deadline = time.monotonic() + timeout
         while True:
