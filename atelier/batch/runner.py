@@ -224,7 +224,7 @@ def _read_files(item) -> dict:
 
 
 def _loop(ray, cfg, manifest, by_id, todo, workers, stats, stop_after) -> None:
-    from ray.exceptions import RayActorError, RayTaskError
+    from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 
     from .progress import Bar
 
@@ -283,7 +283,10 @@ def _loop(ray, cfg, manifest, by_id, todo, workers, stats, stop_after) -> None:
                 try:
                     result = ray.get(ref)
                 except RayActorError as e:  # the worker process died (its server too): Ray restarts it
-                    if w.state not in ("dead",):
+                    if isinstance(e, ActorDiedError):  # no restart left
+                        if w.state != "dead":
+                            _dead(manifest, w, e)
+                    elif w.state != "dead":
                         w.state, w.ping, w.next_ping, w.held = "restarting", None, time.monotonic() + 1, None
                         manifest.server_state(w.name, "restarting")
                     finished += _retry_or_fail(manifest, queue, by_id[item_id], cfg.retries,
@@ -316,21 +319,18 @@ def _loop(ray, cfg, manifest, by_id, todo, workers, stats, stop_after) -> None:
 
 
 def _on_ping(ray, manifest, w: _Worker, ref) -> None:
+    """A worker's info() came back: it is ready (first start or after a restart), restarting, or dead for good.
+    Ray says which: ActorUnavailableError while it restarts, ActorDiedError once its restarts are used up or its
+    __init__ failed (a server that does not start)."""
     from ray.exceptions import ActorDiedError, RayActorError
 
     w.ping = None
     try:
         info = ray.get(ref)
     except ActorDiedError as e:
-        if "restart" in str(e).lower() and "max" in str(e).lower() or w.failures > 60:
-            w.state = "dead"
-            manifest.server_state(w.name, "dead")
-            log.error("server %s is dead for good: %s", w.name, e)
-            return
-        w.failures += 1
-        w.next_ping = time.monotonic() + 1
+        _dead(manifest, w, e)
         return
-    except RayActorError:
+    except RayActorError:  # ActorUnavailableError: restarting
         w.failures += 1
         w.next_ping = time.monotonic() + 1
         return
@@ -347,6 +347,12 @@ def _on_ping(ray, manifest, w: _Worker, ref) -> None:
     w.failures, w.state, w.pid = 0, "idle", info.get("pid")
     manifest.server_state(w.name, "idle", url=info["url"], pid=info.get("pid"), host=info.get("host"),
                           restarts=w.restarts)
+
+
+def _dead(manifest, w: _Worker, error) -> None:
+    w.state, w.held = "dead", None
+    manifest.server_state(w.name, "dead")
+    log.error("server %s is gone for good: %s", w.name, str(error).splitlines()[0][:300])
 
 
 def _retry_or_fail(manifest, queue, item, retries: int, error: str, bar, w) -> int:

@@ -146,8 +146,9 @@ def test_a_server_killed_mid_batch_loses_nothing(reference, pack_base, tiny_flux
                       model=tiny_flux["choice_diffusers"]))
     t.join(timeout=5)
     assert killed, "the server was never killed (the batch ended first?)"
-    log.info("killed cpu0 (pid %s) after %s items; summary %s", killed["pid"], killed["done"],
-             {k: s[k] for k in ("counts", "ran_this_run", "seconds_running")})
+    log.info("killed cpu0 (pid %s) after %s items; summary %s; servers %s", killed["pid"], killed["done"],
+             {k: s[k] for k in ("counts", "ran_this_run", "seconds_running")},
+             [(x["name"], x["done"], x["restarts"], x["state"]) for x in s["servers"]])
     assert_exactly_once(tmp_path, reference)
     assert_same_pixels(tmp_path, reference)
     got = rows(tmp_path)
