@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,10 +17,11 @@ import torch
 from comfy.model_patcher import ModelPatcher
 from comfy_api.latest import io
 
-from ..atelier import fill, flux_files, folders
+from ..atelier import flux_files, folders
 from ..atelier.errors import ModelFileError
 from ..atelier.registry import REGISTRY
-from ..atelier.types import FluxFillFiles, FluxFillHandle
+from ..atelier.stage import Stage
+from ..atelier.types import FluxFillFiles
 
 log = logging.getLogger("atelier")
 
@@ -31,6 +31,7 @@ FluxFillPipe = io.Custom("ATELIER_FLUX_FILL")
 VLM = io.Custom("ATELIER_VLM")
 BgRemover = io.Custom("ATELIER_BG_REMOVER")
 SAM2 = io.Custom("ATELIER_SAM2")
+FastComposer = io.Custom("ATELIER_FASTCOMPOSER")
 
 
 def _register_folder(name: str, extensions: set[str]) -> None:
@@ -46,6 +47,7 @@ def _register_folder(name: str, extensions: set[str]) -> None:
 _register_folder("background_removal", {".onnx", ".safetensors", ".pth"})
 _register_folder("sam2", {".pt", ".safetensors"})
 _register_folder("LLM", {".safetensors", ".json"})
+_register_folder("fastcomposer", {".bin", ".safetensors"})  # the released pytorch_model.bin (weights_only load)
 
 AUTO = "auto"
 DIFFUSERS_PREFIX = "diffusers/"
@@ -241,34 +243,33 @@ REGISTRY.on_built = _on_built
 REGISTRY.on_released = _on_released
 
 
-def acquire(key, build, group: str, need_bytes: int | Callable[[], int] = 0):
-    """The registry entry for ``key`` (any stage): built if missing or released, after ComfyUI made room for
-    ``need_bytes`` of VRAM; marked in use when it is already there.
+def acquire(stage: Stage, handle):
+    """The loaded model for ``handle`` of any stage (see :mod:`atelier.stage`): built if missing or released, after
+    ComfyUI made room for ``stage.need_bytes``; marked in use when it is already there.
 
-    Entries are the engine's model objects; they expose ``resident_bytes`` and ``device`` (what ComfyUI should
-    count) and ``close()`` (drop every module). See :mod:`atelier.registry`.
+    Models are the engine's objects; they expose ``resident_bytes`` and ``device`` (what ComfyUI should count) and
+    ``close()`` (drop every module). See :mod:`atelier.registry`.
     """
+    key = handle.spec
     entry = REGISTRY.get(key)
     if entry is None:
         dev = mm.get_torch_device()
         if dev.type == "cuda":
-            need = need_bytes() if callable(need_bytes) else need_bytes
+            need = stage.need_bytes(handle, free_vram())
             mm.free_memory(need + mm.minimum_inference_memory(), dev)  # evict core models first, like core loaders
-        return REGISTRY.get_or_build(key, build, group=group)
+        return REGISTRY.get_or_build(key, lambda: stage.load(handle), group=stage.group)
     patcher = _PATCHERS.get(key)
     if patcher is not None:
         mm.load_models_gpu([patcher])  # marks it in use; frees others if VRAM is short
     return entry
 
 
-def acquire_flux_fill(handle: FluxFillHandle) -> fill.FluxFillModel:
-    """The loaded FLUX Fill pipeline for ``handle``: reloaded if ComfyUI released it."""
-
-    def need() -> int:
-        _, _, _, fp = fill.resolve(handle.spec, free_vram())
-        return fill.resident_vram(handle.offload, fp)
-
-    return acquire(handle.spec, lambda: fill.load(handle.spec, offload=handle.offload), "flux_fill", need)
+def load_stage(stage: Stage, spec):
+    """What every loader node does: spec → handle (files checked, settings resolved), the model loaded through
+    :func:`acquire`, and the loader's summary text. Returns (handle, text)."""
+    handle = stage.make_handle(spec, free_vram())
+    model = acquire(stage, handle)
+    return handle, stage.summary(handle, model)
 
 
 def images_out(t: torch.Tensor) -> torch.Tensor:
@@ -302,13 +303,6 @@ def bg_remover_fingerprint(name: str):
 
     path = folder_paths.get_full_path("background_removal", name) if name else None
     return (name, masker.file_stamp(path) if path else None)
-
-
-def acquire_bg_remover(spec):
-    """The loaded remover for ``spec`` (atelier.masker.BgRemoverSpec): reloaded if ComfyUI released it."""
-    from ..atelier import masker
-
-    return acquire(spec, lambda: masker.load(spec), "bg_remover", lambda: masker.vram_estimate(spec))
 
 
 # ------------------------------------------------------------------------------------------------ SAM2
@@ -369,17 +363,6 @@ def layered_folder(model: str) -> str:
                                            "then refresh (R) and pick it.")
 
 
-def acquire_layered(handle):
-    """The loaded Qwen-Image-Layered pipeline for ``handle``: reloaded if ComfyUI released it."""
-    from ..atelier import layers
-
-    def need() -> int:
-        _, _, _, fp = layers.resolve(handle.spec, free_vram())
-        return fill.resident_vram(handle.offload, fp)
-
-    return acquire(handle.spec, lambda: layers.load(handle.spec, offload=handle.offload), "layered", need)
-
-
 class StopAwareProgress(ComfyProgress):
     """ComfyProgress that can also be asked, between steps, whether the user pressed Stop (token loops)."""
 
@@ -434,3 +417,48 @@ def ui_pngs(arrays, prefix: str, max_side: int | None = PREVIEW_MAX_SIDE) -> lis
         img.save(os.path.join(folder, name), compress_level=1)
         out.append({"filename": name, "subfolder": subfolder, "type": "temp"})
     return out
+
+
+# ------------------------------------------------------------------------------------------- FastComposer
+
+NONE = "none"
+
+
+def fastcomposer_choices() -> list[str]:
+    """The loader's `model` combo: .bin / .safetensors files under models/fastcomposer."""
+    return [n for n in folder_paths.get_filename_list("fastcomposer") if n.lower().endswith((".bin", ".safetensors"))]
+
+
+def sd15_base_choices() -> list[str]:
+    """The loader's `base` combo: none, or a .safetensors checkpoint in models/checkpoints (an SD1.5)."""
+    return [NONE] + [n for n in folder_paths.get_filename_list("checkpoints") if n.endswith(".safetensors")]
+
+
+def _file_path(folder: str, name: str, what: str, hint: str) -> str:
+    path = folder_paths.get_full_path(folder, name) if name else None
+    if path is None:
+        raise ModelFileError(f"{what} '{name}' in models/{folder}", "no such file", hint)
+    return path
+
+
+def fastcomposer_spec(model: str, base: str, **settings):
+    """The loader's inputs → a FastComposer spec (files resolved, ComfyUI's CLIP tokenizer, ComfyUI's device)."""
+    from ..atelier import fastcomposer
+
+    path = _file_path("fastcomposer", model, "the FastComposer checkpoint",
+                      "Put FastComposer's pytorch_model.bin in models/fastcomposer (renaming it is fine), refresh "
+                      "(R) and pick it.")
+    base_path = None if base in (None, "", NONE) else _file_path(
+        "checkpoints", base, "the SD1.5 checkpoint", "Refresh (R) and pick a file that exists, or none.")
+    return fastcomposer.make_spec(path, tokenizer_dirs()[0], base_path, device=device(), **settings)
+
+
+def fastcomposer_fingerprint(model: str, base: str | None):
+    """Size and mtime of the chosen files: replacing one under the same name reruns the loader."""
+    from ..atelier.segmenter import file_stamp
+
+    out = []
+    for folder, name in (("fastcomposer", model), ("checkpoints", base)):
+        path = folder_paths.get_full_path(folder, name) if name and name != NONE else None
+        out.append((name, file_stamp(path) if path else None))
+    return tuple(out)

@@ -28,7 +28,7 @@ def place_models(models_root: Path, flux_choice: str, work_dir: Path) -> dict:
 
     `flux_choice`: the tiny FLUX.1 Fill's combo value (the `tiny_flux` fixture builds it); `work_dir`: where the
     tiny Qwen-Image-Layered is built once per session (a pytest basetemp)."""
-    from tests.harness import real_weights, tiny_layered, tiny_sam2, tiny_vlm
+    from tests.harness import real_weights, tiny_fastcomposer, tiny_layered, tiny_sam2, tiny_vlm
 
     models_root = Path(models_root)
     tiny_vlm.build("qwen2_5_vl", models_root / "LLM" / VLM_CHOICE)
@@ -42,12 +42,18 @@ def place_models(models_root: Path, flux_choice: str, work_dir: Path) -> dict:
     layered = models_root / "diffusers" / LAYERED_CHOICE
     if not layered.exists():
         layered.symlink_to(tiny_layered.shared_folder(work_dir), target_is_directory=True)
+    composer = tiny_fastcomposer.shared_folder(work_dir)["checkpoint"]
+    (models_root / "fastcomposer").mkdir(parents=True, exist_ok=True)
+    for f in (composer, tiny_fastcomposer.config_sidecar_of(composer)):  # the checkpoint and its size sidecar
+        if not (models_root / "fastcomposer" / f.name).exists():
+            (models_root / "fastcomposer" / f.name).symlink_to(f)
     return {
         "AtelierFluxFillLoader": flux_choice,
         "AtelierVLMLoader": VLM_CHOICE,
         "AtelierBackgroundRemoverLoader": U2NETP,
         "AtelierSAM2Loader": sam2.name,
         "AtelierLayeredLoader": f"diffusers/{LAYERED_CHOICE}",
+        "AtelierFastComposerLoader": composer.name,
     }
 
 
@@ -65,6 +71,8 @@ ARTIST_EDITS = {
                                      "AtelierFluxFillLoader": {"model": None}, "AtelierFluxFill": {"steps": 2}},
     "layer_split.json": {"AtelierLayeredLoader": {"model": None}, "AtelierSplitLayers": {"steps": 2, "layers": 2}},
     "layer_edit_roundtrip.json": {},
+    "multi_subject.json": {"AtelierFastComposerLoader": {"model": None},
+                           "AtelierFastComposer": {"steps": 2, "width": 64, "height": 64}},
 }
 
 
@@ -117,6 +125,15 @@ def layer_stack():
     return layer_files.LayerStack(rgba, ["Sky", "Red box", "Blue label"])
 
 
+def subjects() -> tuple[np.ndarray, np.ndarray]:
+    """Two subject photos for multi_subject (an object on a studio backdrop, the second recoloured and smaller)."""
+    from tests.harness import real_weights
+
+    first, _ = real_weights.synthetic_object(192, 240)
+    second, _ = real_weights.synthetic_object(160, 200)
+    return first, second[..., ::-1].copy()
+
+
 def input_files() -> dict:
     """{name: bytes} for every file the workflows' loaders name, at sizes the tiny models handle quickly.
 
@@ -137,4 +154,6 @@ def input_files() -> dict:
         "atelier_object_photo.png": png(photo),
         "atelier_layers_example.png": png(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)),
         "atelier_layers_example.psd": psd,
+        "atelier_subject_1.png": png(subjects()[0]),
+        "atelier_subject_2.png": png(subjects()[1]),
     }
