@@ -73,17 +73,11 @@ def free_port() -> int:
 
 
 def load_api_workflow(path: Union[str, Path]) -> dict:
-    """Read an API-format workflow ({node_id: {"class_type", "inputs"}}), rejecting UI-format documents."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    if isinstance(data, dict) and "prompt" in data and isinstance(data["prompt"], dict) and "nodes" not in data:
-        data = data["prompt"]  # a saved POST /prompt body
-    if not isinstance(data, dict) or "nodes" in data and "links" in data:
-        raise ValueError(f"{path}: not an API-format workflow (UI/litegraph documents need the frontend to convert)")
-    for node_id, node in data.items():
-        if not isinstance(node, dict) or "class_type" not in node:
-            raise ValueError(f"{path}: node {node_id!r} has no class_type; not an API-format workflow")
-        node.setdefault("inputs", {})
-    return data
+    """Read an API-format workflow ({node_id: {"class_type", "inputs"}}), rejecting UI-format documents (the batch
+    runner's reader: one home for the rule; raises a ValueError)."""
+    from atelier.batch.table import load_workflow
+
+    return load_workflow(path)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -65,11 +65,9 @@ def weights_dir() -> Path:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+    from atelier.batch.table import file_digest  # one streaming sha256 helper (pure stdlib)
+
+    return file_digest(path)
 
 
 @contextlib.contextmanager
