@@ -127,11 +127,13 @@ class ComfyServer:
 
     SUBDIRS = ("custom_nodes", "models", "input", "output", "temp", "user")
 
-    def __init__(self, base_dir: Union[str, Path], pack_dir: Union[str, Path], port: Optional[int] = None,
+    def __init__(self, base_dir: Union[str, Path], pack_dir: Optional[Union[str, Path]], port: Optional[int] = None,
                  extra_args: Iterable[str] = (), pack_name: str = "atelier", env: Optional[dict] = None,
-                 cpu: bool = True):
+                 cpu: bool = True, comfy_dir: Optional[Union[str, Path]] = None, python: Optional[str] = None):
         self.base_dir = Path(base_dir).resolve()
-        self.pack_dir = Path(pack_dir).resolve()
+        self.pack_dir = Path(pack_dir).resolve() if pack_dir is not None else None  # None: custom_nodes as it is
+        self.comfy_dir = Path(comfy_dir) if comfy_dir is not None else None  # default comfy_root()
+        self.python = python  # default comfy_python()
         self.port = port
         self.extra_args = list(extra_args)
         self.pack_name = pack_name
@@ -169,6 +171,8 @@ class ComfyServer:
     def _prepare_dirs(self) -> None:
         for sub in self.SUBDIRS:
             (self.base_dir / sub).mkdir(parents=True, exist_ok=True)
+        if self.pack_dir is None:
+            return
         link = self.pack_link
         if link.is_symlink() or link.exists():
             if link.is_symlink() and link.resolve() == self.pack_dir:
@@ -180,7 +184,7 @@ class ComfyServer:
         link.symlink_to(self.pack_dir, target_is_directory=True)
 
     def command(self) -> list:
-        cmd = [comfy_python(), "main.py", *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1",
+        cmd = [self.python or comfy_python(), "main.py", *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1",
                "--port", str(self.port), "--base-directory", str(self.base_dir), "--disable-auto-launch"]
         if not any(a == "--database-url" or a.startswith("--database-url=") for a in self.extra_args):
             # ComfyUI's default database lives in <comfy tree>/user/ whatever --base-directory says (and that
@@ -191,7 +195,7 @@ class ComfyServer:
     def start(self, timeout: float = 180) -> "ComfyServer":
         if self.proc is not None and self.proc.poll() is None:
             return self
-        root = comfy_root()
+        root = self.comfy_dir or comfy_root()
         self._prepare_dirs()
         if self.port is None:
             self.port = free_port()
