@@ -14,6 +14,7 @@ from atelier import images, memory, segmenter
 from atelier.errors import AtelierError
 from tests.compat import locales as L
 from tests.harness import frontend as fe
+from tests.harness.comfy_server import comfy_version
 
 HINTS_JS = "/extensions/atelier/js/atelier_error_hints.js"
 
@@ -52,6 +53,9 @@ def test_every_atelier_node_reads_korean(korean_page, client, artifacts):
                 inputs: Object.fromEntries((n.inputs || []).map((i) => [i.name, i.localized_name ?? i.label])),
                 outputs: (n.outputs || []).map((o) => [o.name, o.type, o.localized_name ?? o.label])};
     })""", sorted(english))
+    if comfy_version() == "0.3.75" and not any(L.HANGUL.search(n["title"]) for n in built):
+        pytest.xfail("frontend 1.32.9 (ComfyUI 0.3.75) merges the packs' /i18n into 'ko' and then replaces 'ko' when it "
+                     "lazily loads its own Korean bundle (setLocaleMessage): no pack is translated there; 1.47 is")
     problems = []
     for node in built:
         want = ko[node["type"]]
