@@ -89,12 +89,16 @@ def _read_header(path: str, size: int, mtime: int) -> dict[str, dict]:
     return header
 
 
+# BFL's files name FLUX's q/k RMSNorm weights `…_norm.scale`; ComfyUI 0.30 names them `…_norm.weight` (its loader
+# takes both, so a checkpoint saved from 0.30 has `.weight`): read both under BFL's name.
+_QK_NORM_WEIGHT = re.compile(r"((?:query|key)_norm)\.weight$")
+
+
 def _strip_prefix(keys, prefixes=("model.diffusion_model.", "diffusion_model.")) -> tuple[str, dict[str, str]]:
+    """(prefix, {BFL name: key in the file}) for a FLUX transformer's keys."""
     keys = list(keys)
-    for p in prefixes:
-        if any(k.startswith(p) for k in keys):
-            return p, {k[len(p):]: k for k in keys if k.startswith(p)}
-    return "", {k: k for k in keys}
+    prefix = next((p for p in prefixes if any(k.startswith(p) for k in keys)), "")
+    return prefix, {_QK_NORM_WEIGHT.sub(r"\1.scale", k[len(prefix):]): k for k in keys if k.startswith(prefix)}
 
 
 # ---------------------------------------------------------------------------------------------- recognising

@@ -35,13 +35,23 @@ FastComposer = io.Custom("ATELIER_FASTCOMPOSER")
 
 
 def _register_folder(name: str, extensions: set[str]) -> None:
-    """Our own model folders under models/, with explicit extensions (a new key would otherwise match any file)."""
-    path = os.path.join(folder_paths.models_dir, name)
+    """Our model folders under models/, with explicit extensions (a new key would otherwise match any file).
+
+    A folder core already has (0.30 registers background_removal for its own RemoveBackground node, with the
+    torch extensions only) keeps core's paths (extra_model_paths.yaml included) and gets ours added; core's set
+    is shared with every other folder, so it is copied, never changed. Core lists the folder while it loads its own
+    nodes, before this pack, and keeps that list until the folder changes on disk: the list is dropped so the next
+    one includes our extensions (0.30: a u2netp.onnx already there at start was missing from the combo).
+    """
     if name in folder_paths.folder_names_and_paths:
         paths, exts = folder_paths.folder_names_and_paths[name]
-        folder_paths.folder_names_and_paths[name] = (paths, set(exts) | extensions)
+        if not extensions <= set(exts):
+            folder_paths.folder_names_and_paths[name] = (paths, set(exts) | extensions)
     else:
-        folder_paths.folder_names_and_paths[name] = ([path], extensions)
+        folder_paths.folder_names_and_paths[name] = ([os.path.join(folder_paths.models_dir, name)], set(extensions))
+    cache = getattr(folder_paths, "filename_list_cache", None)
+    if isinstance(cache, dict):
+        cache.pop(name, None)
 
 
 _register_folder("background_removal", {".onnx", ".safetensors", ".pth"})

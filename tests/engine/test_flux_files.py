@@ -109,6 +109,21 @@ def test_bfl_to_diffusers_strips_comfyuis_prefix(tiny_dir, single_files):
     _assert_same_state(flux_files.bfl_to_diffusers(bfl), _diffusers_transformer_sd(tiny_dir))
 
 
+def test_comfyui_030_norm_names_read_like_bfls(tiny_dir, single_files, tmp_path):
+    """ComfyUI 0.30 saves the q/k norms as `…_norm.weight` (BFL: `…_norm.scale`); both load to the same weights."""
+    bfl = load_file(single_files["transformer"])
+    swap = {"scale": "weight", "weight": "scale"}
+    renamed = {}
+    for k, v in bfl.items():
+        stem, _, end = k.rpartition(".")
+        renamed[f"{stem}.{swap[end]}" if stem.endswith(("query_norm", "key_norm")) else k] = v
+    assert renamed.keys() != bfl.keys()
+    _assert_same_state(flux_files.bfl_to_diffusers(renamed), _diffusers_transformer_sd(tiny_dir))
+    save_file(renamed, tmp_path / "renamed.safetensors")
+    assert flux_files.flux_transformer_config(tmp_path / "renamed.safetensors") == \
+        flux_files.flux_transformer_config(single_files["transformer"])
+
+
 # ------------------------------------------------------------------------------------------- recognising
 
 
