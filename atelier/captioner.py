@@ -30,7 +30,7 @@ import torch
 
 from . import folders
 from .errors import InputError, ModelFileError, SettingError
-from .images import check_image
+from .images import check_image, to_uint8
 from .memory import (
     GiB,
     check_quantization,
@@ -524,8 +524,7 @@ def to_pil(image: torch.Tensor):
     """One HWC float [0, 1] image → an RGB PIL image (LoadImage's uint8 values come back exactly)."""
     from PIL import Image
 
-    arr = (image[..., :3].float().clamp(0, 1) * 255.0).round().to(torch.uint8).cpu().numpy()
-    pil = Image.fromarray(arr, "RGB")
+    pil = Image.fromarray(to_uint8(image[..., :3]), "RGB")
     w, h = pil.size
     if w * h > MAX_IMAGE_PIXELS:
         s = math.sqrt(MAX_IMAGE_PIXELS / (w * h))

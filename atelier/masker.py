@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .errors import AtelierError, InputError, ModelFileError, SettingError
-from .images import check_image, to_bchw
+from .images import check_image, to_bchw, to_uint8
 from .memory import GiB, dtype_name, is_cuda, resolve_dtype
 from .progress import NullProgress, Progress
 from .stage import Stage, released, with_notes
@@ -397,11 +397,6 @@ def _load_onnx(spec: BgRemoverSpec) -> OnnxRemover:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return (text[0] if text else type(e).__name__)[:300]
-
-
-def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """HWC float in [0, 1] → HWC uint8, rounding (LoadImage's x/255 comes back exactly)."""
-    return np.clip(np.rint(image.detach().float().cpu().numpy() * 255.0), 0, 255).astype(np.uint8)
 
 
 def rembg_input(rgb: np.ndarray, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:

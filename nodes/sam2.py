@@ -10,8 +10,7 @@ import numpy as np
 from comfy_api.latest import io, ui
 
 from ..atelier import segmenter  # imports sam2 at the top: a missing package surfaces here
-from ..atelier.images import check_image
-from ..atelier.layer_files import to_uint8
+from ..atelier.images import check_image, to_uint8
 from ..atelier.types import DTYPES
 from . import _bridge as bridge
 from ._bridge import SAM2
@@ -34,7 +33,7 @@ def editor_preview(image, masks, n_objects: int, prompts: tuple) -> dict:
     for k, m in enumerate(objects):
         overlay[m, :3] = OVERLAY_COLORS[k % len(OVERLAY_COLORS)]
         overlay[m, 3] = OVERLAY_ALPHA
-    rgb = to_uint8(image[0, ..., :3].float().cpu().numpy())
+    rgb = to_uint8(image[0, ..., :3])
     picture, shade = bridge.ui_pngs([rgb, overlay], "atelier_sam2/editor")
     texts = [p if isinstance(p, str) else json.dumps(p) for p in prompts]
     return {"atelier_sam2": [{"image": picture, "overlay": shade, "width": width, "height": height,
