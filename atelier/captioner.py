@@ -232,7 +232,7 @@ def check_folder(folder: str | Path) -> str:
 
 def part_sizes(folder: str | Path) -> dict[str, int]:
     """16-bit bytes of the language model and the vision tower, from the safetensors headers (nothing loaded)."""
-    from .flux_files import read_safetensors_header
+    from .weights import read_safetensors_header
 
     text = vision = 0
     for f in weight_files(folder):

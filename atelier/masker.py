@@ -29,11 +29,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import AtelierError, InputError, ModelFileError, SettingError
+from .errors import AtelierError, InputError, ModelFileError, SettingError, describe_error
 from .images import check_image, to_bchw, to_uint8
 from .memory import GiB, dtype_name, is_cuda, resolve_dtype
 from .progress import NullProgress, Progress
 from .stage import Stage, released, with_notes
+from .weights import file_stamp, read_state_dict
 
 log = logging.getLogger("atelier")
 
@@ -159,14 +160,6 @@ class BgRemoverHandle:
 
     spec: BgRemoverSpec
     backend: str  # onnxruntime / torch
-
-
-def file_stamp(path: str) -> tuple[int, int]:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return (0, 0)
-    return (st.st_size, st.st_mtime_ns)
 
 
 def make_spec(path: str, family: str = "auto", dtype: str = "auto", device: str = "cpu",
@@ -350,7 +343,7 @@ def _load_onnx(spec: BgRemoverSpec) -> OnnxRemover:
         session = ort.InferenceSession(spec.path, sess_options=opts, providers=providers)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own pybind exception types
         raise ModelFileError(f"an ONNX model that onnxruntime can read in '{name}'",
-                             f"a file it rejects ({type(e).__name__}: {_first_line(e)})",
+                             f"a file it rejects ({describe_error(e)})",
                              "The file is damaged, incomplete or not ONNX; download it again or pick another "
                              "file.") from e
     inputs, outputs = session.get_inputs(), session.get_outputs()
@@ -392,11 +385,6 @@ def _load_onnx(spec: BgRemoverSpec) -> OnnxRemover:
                        resolution=fixed or family.size, fixed_size=fixed,
                        resident_bytes=file_stamp(spec.path)[0] if device.type == "cuda" else 0, notes=notes,
                        session=session, input_name=inp.name, output_name=outputs[0].name)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:300]
 
 
 def rembg_input(rgb: np.ndarray, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
@@ -445,28 +433,6 @@ def _birefnet_module(name: str):
             f"Atelier's BiRefNet architecture (atelier/birefnet.py) to run '{name}'", "an Atelier without it",
             "Update Atelier, or use an ONNX export of the model (e.g. BiRefNet-general-epoch_244.onnx, "
             "bria-rmbg-2.0.onnx) in models/background_removal.") from e
-
-
-def read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    name = Path(path).name
-    try:
-        if path.lower().endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - safetensors/pickle errors are many
-        raise ModelFileError(f"a readable checkpoint in '{name}'", f"a file that cannot be read "
-                             f"({type(e).__name__}: {_first_line(e)})",
-                             "The file is damaged or incomplete; download it again.") from e
-    for wrapper in ("state_dict", "model", "model_state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelFileError(f"a state dict (name → tensor) in '{name}'", f"a {type(state).__name__}",
-                             "Use the official BiRefNet / RMBG-2.0 checkpoint.")
-    return state
 
 
 @dataclass
@@ -524,7 +490,7 @@ def _load_torch(spec: BgRemoverSpec) -> TorchRemover:
         raise
     except Exception as e:  # noqa: BLE001 - shape mismatches and the like: name the file
         raise ModelFileError(f"a BiRefNet / RMBG-2.0 checkpoint whose tensors fit the architecture in '{name}'",
-                             f"{type(e).__name__}: {_first_line(e)}",
+                             describe_error(e),
                              "Use the official model.safetensors (BiRefNet general or RMBG-2.0).") from e
     del state
     module = module.eval().to(device=device, dtype=dtype)

@@ -22,6 +22,7 @@ from ..atelier.errors import ModelFileError
 from ..atelier.registry import REGISTRY
 from ..atelier.stage import Stage
 from ..atelier.types import FluxFillFiles
+from ..atelier.weights import file_stamp
 
 log = logging.getLogger("atelier")
 
@@ -295,12 +296,11 @@ def bg_remover_path(name: str) -> str:
     return path
 
 
-def bg_remover_fingerprint(name: str):
-    """Size and mtime of the chosen file: replacing it under the same name reruns the loader."""
-    from ..atelier import masker
-
-    path = folder_paths.get_full_path("background_removal", name) if name else None
-    return (name, masker.file_stamp(path) if path else None)
+def model_fingerprint(folder: str, name: str):
+    """A loader's fingerprint: the chosen file's size and mtime in ``folder``, so that replacing the file under the
+    same name reruns the loader."""
+    path = folder_paths.get_full_path(folder, name) if name else None
+    return (name, file_stamp(path) if path else None)
 
 
 # ------------------------------------------------------------------------------------------------ SAM2
@@ -317,16 +317,6 @@ def sam2_path(name: str) -> str:
         raise ModelFileError(f"the SAM2 checkpoint '{name}' in models/sam2", "no such file",
                              "Put sam2.1_hiera_*.pt (or .safetensors) in models/sam2, refresh (R) and pick it.")
     return path
-
-
-def sam2_fingerprint(name: str):
-    """Size and mtime of the chosen checkpoint: replacing it under the same name reruns the loader."""
-    path = folder_paths.get_full_path("sam2", name) if name else None
-    try:
-        st = os.stat(path) if path else None
-    except OSError:
-        st = None
-    return (name, st.st_size, st.st_mtime_ns) if st else (name, None)
 
 
 # ------------------------------------------------------------------------------------------ VLM captioner

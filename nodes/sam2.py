@@ -12,6 +12,7 @@ from comfy_api.latest import io, ui
 from ..atelier import segmenter  # imports sam2 at the top: a missing package surfaces here
 from ..atelier.images import check_image, to_uint8
 from ..atelier.types import DTYPES
+from ..atelier.weights import file_stamp
 from . import _bridge as bridge
 from ._bridge import SAM2
 
@@ -62,12 +63,12 @@ class AtelierSAM2Loader(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, **kwargs):
-        return bridge.sam2_fingerprint(kwargs.get("model"))
+        return bridge.model_fingerprint("sam2", kwargs.get("model"))
 
     @classmethod
     def execute(cls, model, dtype) -> io.NodeOutput:
         path = bridge.sam2_path(model)
-        spec = segmenter.SAM2Spec(path=path, dtype=dtype, device=bridge.device(), stamp=segmenter.file_stamp(path))
+        spec = segmenter.SAM2Spec(path=path, dtype=dtype, device=bridge.device(), stamp=file_stamp(path))
         handle, text = bridge.load_stage(segmenter.STAGE, spec)
         return io.NodeOutput(handle, ui=ui.PreviewText(text))
 
