@@ -437,6 +437,7 @@ def rembg_mask(output: np.ndarray, sigmoid: bool, size: tuple[int, int]) -> np.n
     if not np.isfinite(ma) or not np.isfinite(mi) or ma - mi <= 0:
         return None
     pred = np.squeeze((pred - mi) / (ma - mi))
+    # Deliberate copy of images.to_uint8's job: rembg truncates (no rounding) here, and its masks are the reference
     mask = Image.fromarray((pred.clip(0, 1) * 255).astype(np.uint8))
     return np.asarray(mask.resize(size, Image.Resampling.LANCZOS))
 
