@@ -37,7 +37,7 @@ from .errors import InputError, ModelFileError
 from .images import check_image, check_mask
 from .memory import Footprint, dtype_name, footprint, plan_offload, resident_vram, resolve_dtype
 from .progress import NullProgress, Progress
-from .segmenter import file_stamp
+from .weights import file_stamp
 from .stage import Stage, released, with_notes
 
 log = logging.getLogger("atelier")

@@ -22,6 +22,7 @@ from ..atelier.errors import ModelFileError
 from ..atelier.registry import REGISTRY
 from ..atelier.stage import Stage
 from ..atelier.types import FluxFillFiles
+from ..atelier.weights import file_stamp
 
 log = logging.getLogger("atelier")
 
@@ -309,12 +310,11 @@ def bg_remover_path(name: str) -> str:
     return path
 
 
-def bg_remover_fingerprint(name: str):
-    """Size and mtime of the chosen file: replacing it under the same name reruns the loader."""
-    from ..atelier import masker
-
-    path = folder_paths.get_full_path("background_removal", name) if name else None
-    return (name, masker.file_stamp(path) if path else None)
+def model_fingerprint(folder: str, name: str):
+    """A loader's fingerprint: the chosen file's size and mtime in ``folder``, so that replacing the file under the
+    same name reruns the loader."""
+    path = folder_paths.get_full_path(folder, name) if name else None
+    return (name, file_stamp(path) if path else None)
 
 
 # ------------------------------------------------------------------------------------------------ SAM2
@@ -331,21 +331,6 @@ def sam2_path(name: str) -> str:
         raise ModelFileError(f"the SAM2 checkpoint '{name}' in models/sam2", "no such file",
                              "Put sam2.1_hiera_*.pt (or .safetensors) in models/sam2, refresh (R) and pick it.")
     return path
-
-
-def sam2_fingerprint(name: str):
-    """Size and mtime of the chosen checkpoint: replacing it under the same name reruns the loader."""
-    return file_fingerprint("sam2", name)
-
-
-def file_fingerprint(folder: str, name: str):
-    """(name, size, mtime) of a file chosen in a models/<folder> combo; (name, None) when it is not there."""
-    path = folder_paths.get_full_path(folder, name) if name else None
-    try:
-        st = os.stat(path) if path else None
-    except OSError:
-        st = None
-    return (name, st.st_size, st.st_mtime_ns) if st else (name, None)
 
 
 # ------------------------------------------------------------------------------------- pose (BlazePose) and depth
@@ -374,11 +359,6 @@ def pose_spec(name: str):
                              "there (python install.py --pose-models extracts them from PyPI's mediapipe==0.10.21) "
                              "and refresh (R).")
     return pose.make_spec(path, roots=folder_paths.get_folder_paths("pose"))
-
-
-def pose_fingerprint(name: str):
-    """Size and mtime of the chosen file: replacing it under the same name reruns the node."""
-    return file_fingerprint("pose", name)
 
 
 def depth_choices() -> list[str]:
@@ -524,10 +504,5 @@ def fastcomposer_spec(model: str, base: str, **settings):
 
 def fastcomposer_fingerprint(model: str, base: str | None):
     """Size and mtime of the chosen files: replacing one under the same name reruns the loader."""
-    from ..atelier.segmenter import file_stamp
-
-    out = []
-    for folder, name in (("fastcomposer", model), ("checkpoints", base)):
-        path = folder_paths.get_full_path(folder, name) if name and name != NONE else None
-        out.append((name, file_stamp(path) if path else None))
-    return tuple(out)
+    return (model_fingerprint("fastcomposer", model),
+            model_fingerprint("checkpoints", base if base and base != NONE else None))

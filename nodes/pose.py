@@ -47,7 +47,7 @@ class AtelierPose(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, **kwargs):
-        return bridge.pose_fingerprint(kwargs.get("model"))
+        return bridge.model_fingerprint("pose", kwargs.get("model"))
 
     @classmethod
     def execute(cls, image, model, min_confidence, keypoints_in="") -> io.NodeOutput:
@@ -94,7 +94,7 @@ class AtelierGarmentMask(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, **kwargs):
-        return bridge.pose_fingerprint(kwargs.get("model"))
+        return bridge.model_fingerprint("pose", kwargs.get("model"))
 
     @classmethod
     def execute(cls, image, garment, expand, protect_face, protect_hands, model, person_mask=None,

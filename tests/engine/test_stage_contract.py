@@ -13,6 +13,7 @@ from atelier import stage as stage_mod
 from atelier.registry import REGISTRY
 from atelier.stage import STAGE_MODULES, Stage, stage_of
 from atelier.types import FluxFillFiles, FluxFillSpec
+from atelier.weights import file_stamp
 from tests.harness import real_weights, tiny_layered, tiny_vlm
 
 
@@ -38,7 +39,7 @@ def _spec(group: str, base: Path, tiny_dir: Path):
         from tests.harness import tiny_sam2
 
         path = tiny_sam2.write_checkpoints(base / "contract-sam2")["pt"]
-        return segmenter.SAM2Spec(path=str(path), stamp=segmenter.file_stamp(path))
+        return segmenter.SAM2Spec(path=str(path), stamp=file_stamp(path))
     if group == "pose":
         pose = pytest.importorskip("atelier.pose", reason="ai-edge-litert is not installed", exc_type=ImportError)
         return pose.make_spec(str(real_weights.blazepose_dir() / pose.LANDMARK_NAME))
