@@ -189,7 +189,7 @@ def _read_keys(path: str | Path) -> dict[str, tuple[int, ...]]:
     """Key → shape of a checkpoint, without reading the tensors (safetensors header; .bin memory-mapped)."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        from .flux_files import read_safetensors_header
+        from .weights import read_safetensors_header
 
         return {k: tuple(v["shape"]) for k, v in read_safetensors_header(path).items()}
     return {k: tuple(v.shape) for k, v in _load_state_dict(path).items()}
