@@ -39,6 +39,13 @@ def _spec(group: str, base: Path, tiny_dir: Path):
 
         path = tiny_sam2.write_checkpoints(base / "contract-sam2")["pt"]
         return segmenter.SAM2Spec(path=str(path), stamp=segmenter.file_stamp(path))
+    if group == "character":
+        from atelier.character import CharacterSpec
+        from tests.harness import tiny_character
+
+        t = tiny_character.build(base / "tiny-character")
+        return CharacterSpec(model=str(t["sd15"]), controlnet=str(t["controlnet"]),
+                             tokenizer=tiny_character.tokenizer_dir())
     raise AssertionError(f"no tiny model for the stage {group!r}: add one here when adding the stage")
 
 
