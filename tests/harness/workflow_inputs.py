@@ -21,6 +21,27 @@ import numpy as np
 VLM_CHOICE = "tiny-qwen2_5_vl"  # the folder tests/comfy builds too (reused when it exists)
 LAYERED_CHOICE = "Qwen-Image-Layered-tiny"
 U2NETP = "u2netp.onnx"  # the workflows' own choice: the real file, no swap needed
+SD15_CHOICE = "sd15-tiny"  # the realtime character's tiny models, under the names users' files would have
+
+
+def place_character_models(models_root: Path, work_dir: Path) -> dict:
+    """The tiny SD1.5 character models (tests/harness/tiny_character.py) linked into a ComfyUI models/ tree;
+    returns the loader's combo values {input: value}."""
+    from tests.harness import tiny_character
+
+    t = tiny_character.build(Path(work_dir) / "tiny-character")
+    links = {"diffusers": [t["sd15"]], "controlnet": [t["controlnet"], t["controlnet_sdxl"]],
+             "ipadapter": [t["ip_adapter"]], "clip_vision": [t["clip_vision"]], "loras": [t["lcm_lora"]],
+             "vae_approx": [t["taesd_decoder"], t["taesd_encoder"]]}
+    for folder, paths in links.items():
+        for src in paths:
+            dst = Path(models_root) / folder / src.name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if not dst.exists() and not dst.is_symlink():
+                dst.symlink_to(src, target_is_directory=src.is_dir())
+    return {"model": f"diffusers/{t['sd15'].name}", "controlnet": f"{t['controlnet'].name}/",
+            "controlnet_sdxl": f"{t['controlnet_sdxl'].name}/", "ip_adapter": t["ip_adapter"].name,
+            "clip_vision": t["clip_vision"].name, "fast_lora": t["lcm_lora"].name, "vae": t["taesd_decoder"].name}
 
 
 def place_models(models_root: Path, flux_choice: str, work_dir: Path) -> dict:
