@@ -506,3 +506,36 @@ def clip_vision_path(choice: str, ip_adapter: str | None) -> str | None:
 
 def sd1_tokenizer() -> str:
     return tokenizer_dirs()[0]
+
+
+def prompt_server_routes():
+    """aiohttp's RouteTableDef of ComfyUI's server, or None (no server: scripts, engine tests, other front ends)."""
+    try:
+        import server
+    except ImportError:
+        return None
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    return getattr(instance, "routes", None)
+
+
+def pose_function(name: str, min_confidence: float = 0.5):
+    """IMAGE → OpenPose maps with the pose stage (BlazePose, models/pose), or None when that stage is not
+    installed or ``name`` is empty / "none" (the frames are then used as pose maps as they are)."""
+    if not name or name == NONE or "pose_spec" not in globals():
+        return None
+    from ..atelier import pose as pose_engine
+
+    handle = pose_engine.make_handle(globals()["pose_spec"](name), None)
+
+    def run(image):
+        model = acquire(pose_engine.STAGE, handle)
+        maps, _, _ = pose_engine.pose_maps(model, image, min_confidence, "")
+        return maps
+
+    return run
+
+
+def live_pose_choices() -> list[str]:
+    """The pose models the live panel can use (empty without the pose stage)."""
+    choices = globals().get("pose_choices")
+    return list(choices()) if choices else []

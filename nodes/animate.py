@@ -135,6 +135,10 @@ class AtelierAnimateCharacter(io.ComfyNode):
             model = bridge.acquire(engine.STAGE, character)
             frames, report = engine.animate(model, pose_image, reference, prompt, keyframe_prompts=keyframe_prompts,
                                             settings=s, progress=progress)
+        from ..atelier import live
+
+        live.remember(live.LiveConfig(handle=character, reference=reference, prompt=prompt,
+                                      keyframes=engine.parse_keyframes(keyframe_prompts), settings=s))
         text = json.dumps(report, indent=1)
         line = (f"{report['frames']} frames, {report['fps']} fps, ΔE mean {report['delta_e_mean']}, "
                 f"{len(report['resets'])} resets, {len(report['oom_events'])} OOM events")
@@ -142,3 +146,67 @@ class AtelierAnimateCharacter(io.ComfyNode):
 
 
 NODES = [AtelierCharacterLoader, AtelierAnimateCharacter]
+
+
+# ------------------------------------------------------------------------------------------- live panel routes
+
+
+def _live_slot():
+    from ..atelier import live
+
+    s = live.state()
+    if s.slot is None:
+        s.slot = live.LatestWins(lambda item: _live_work(*item))
+    return s
+
+
+def _live_work(frame, pose_name):
+    from ..atelier import live
+
+    s = live.state()
+    model = bridge.acquire(character.STAGE, s.config.handle)
+    return live.animate_frame(model, s, frame, bridge.pose_function(pose_name))
+
+
+def register_live_routes(routes) -> None:
+    """GET /atelier/live/status, POST /atelier/live/frame (an image body; ?pose=<model|none>&size=<px>),
+    POST /atelier/live/reset. web/js/atelier_live.js is the panel."""
+    from aiohttp import web
+
+    from ..atelier import live
+    from ..atelier.errors import AtelierError
+
+    @routes.get("/atelier/live/status")
+    async def status(request):
+        s = live.state()
+        cfg = s.config
+        return web.json_response({
+            "ready": cfg is not None,
+            "character": character.summary(cfg.handle).splitlines()[0] if cfg else None,
+            "prompt": cfg.prompt if cfg else None, "settings": cfg.settings.__dict__ if cfg else None,
+            "pose_models": bridge.live_pose_choices(),
+            "done": s.slot.done if s.slot else 0, "dropped": s.slot.dropped if s.slot else 0})
+
+    @routes.post("/atelier/live/frame")
+    async def frame(request):
+        s = _live_slot()
+        if s.config is None:
+            return web.json_response({"error": "Queue a workflow with Animate Character once: the live panel "
+                                               "animates its character with its settings."}, status=409)
+        try:
+            size = int(request.query.get("size", "512"))
+            image = live.decode_frame(await request.read(), max_side=max(8, min(size, 1024)))
+            result = await s.slot.submit((image, request.query.get("pose", bridge.NONE)))
+        except AtelierError as e:
+            return web.json_response({"error": str(e)}, status=400)
+        return web.json_response(result)
+
+    @routes.post("/atelier/live/reset")
+    async def reset(request):
+        live.state().session = None
+        return web.json_response({"ok": True})
+
+
+_routes = bridge.prompt_server_routes()
+if _routes is not None:
+    register_live_routes(_routes)

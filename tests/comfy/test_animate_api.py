@@ -84,3 +84,43 @@ def test_bad_inputs_are_clear_and_server_stays_up(client, choices):
     entry = client.run(graph(choices, frames=2, keyframes='{"5": "late"}'), timeout=300)
     assert "keyframe at frame 5" in client.error_message(entry)
     assert client.system_stats()["system"]
+
+
+def _png(seed: int, side: int = SIZE) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (side, side, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_live_routes(client, choices):
+    """The live panel's routes: a run configures them; frames come back; concurrent frames never queue (latest
+    wins: the replaced ones are answered dropped); a bad frame is a clear 400 and the server stays up."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+
+    entry = client.run(graph(choices, frames=1), timeout=600)  # the run the panel takes its character from
+    assert client.succeeded(entry), client.error_message(entry)
+    status = requests.get(client.url + "/atelier/live/status", timeout=30).json()
+    assert status["ready"] and "IP-Adapter" in status["character"] and status["prompt"] == "a red knight"
+    url = client.url + "/atelier/live/frame?pose=none&size=64"
+    r = requests.post(url, data=_png(1), headers={"Content-Type": "image/png"}, timeout=120)
+    data = r.json()
+    assert r.status_code == 200 and data["image"].startswith("data:image/jpeg;base64,")
+    assert data["width"] == SIZE and data["model_fps"] > 0 and data["mode"] == "fresh"
+
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda i: requests.post(url, data=_png(10 + i), timeout=300).json(), range(6)))
+    done = [a for a in answers if not a.get("dropped")]
+    dropped = [a for a in answers if a.get("dropped")]
+    assert dropped and len(done) + len(dropped) == 6
+    assert all(a["mode"] == "reuse" for a in done)  # the session carried on from the first frame
+    bad = requests.post(url, data=b"nope", timeout=30)
+    assert bad.status_code == 400 and "JPEG, PNG or WebP" in bad.json()["error"]
+    assert requests.post(client.url + "/atelier/live/reset", timeout=30).json() == {"ok": True}
+    assert client.system_stats()["system"]
