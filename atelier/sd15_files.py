@@ -186,14 +186,20 @@ def _vae_config(keys: dict[str, list[int]]) -> dict:
     return cfg
 
 
+def _clip_prefix(keys) -> str:
+    """Where the CLIP text tensors start: SD1.5 files say ``cond_stage_model.transformer.text_model.``."""
+    inner = CLIP_PREFIX + "text_model."
+    return inner if any(k.startswith(inner) for k in keys) else CLIP_PREFIX
+
+
 def _clip_config(keys: dict[str, list[int]]) -> dict:
     cfg = facts("text_encoder")
-    emb = keys[CLIP_PREFIX + "text_model.embeddings.token_embedding.weight"]
+    pre = _clip_prefix(keys)
+    emb = keys[pre + "embeddings.token_embedding.weight"]
     cfg["vocab_size"], cfg["hidden_size"] = emb
-    cfg["max_position_embeddings"] = keys[CLIP_PREFIX + "text_model.embeddings.position_embedding.weight"][0]
-    cfg["intermediate_size"] = keys[CLIP_PREFIX + "text_model.encoder.layers.0.mlp.fc1.weight"][0]
-    cfg["num_hidden_layers"] = sum(1 for k in keys if re.match(
-        re.escape(CLIP_PREFIX) + r"text_model\.encoder\.layers\.\d+\.mlp\.fc1\.weight$", k))
+    cfg["max_position_embeddings"] = keys[pre + "embeddings.position_embedding.weight"][0]
+    cfg["intermediate_size"] = keys[pre + "encoder.layers.0.mlp.fc1.weight"][0]
+    cfg["num_hidden_layers"] = sum(1 for k in keys if re.match(re.escape(pre) + r"encoder\.layers\.\d+\.mlp\.fc1\.weight$", k))
     if cfg["hidden_size"] != 768:  # CLIP-L has 12 heads of 64; smaller models keep 64-wide heads where they can
         cfg["num_attention_heads"] = max(1, cfg["hidden_size"] // 64) if cfg["hidden_size"] % 64 == 0 else 1
     return cfg
@@ -202,7 +208,7 @@ def _clip_config(keys: dict[str, list[int]]) -> dict:
 def load_single_checkpoint(path: str, dtype: torch.dtype, tokenizer_dir: str):
     """UNet, VAE, CLIP text model and tokenizer of an original SD1.5 checkpoint file, offline."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     keys = shapes(path)
     state = load_state(path)
@@ -214,14 +220,21 @@ def load_single_checkpoint(path: str, dtype: torch.dtype, tokenizer_dir: str):
     text_cfg = CLIPTextConfig(**{k: v for k, v in _clip_config(keys).items() if k != "architectures"})
     with torch.device("meta"):
         text = CLIPTextModel(text_cfg)
-    clip_state = {k[len(CLIP_PREFIX):]: v.to(dtype) for k, v in state.items() if k.startswith(CLIP_PREFIX)}
-    clip_state.pop("text_model.embeddings.position_ids", None)
-    missing, unexpected = text.load_state_dict(clip_state, strict=False, assign=True)
+    pre = _clip_prefix(keys)
+    # transformers 4 names the tensors text_model.*, transformers 5 without that level: follow the model's names
+    inner = "text_model." if any(k.startswith("text_model.") for k in text.state_dict()) else ""
+    clip_state = {inner + k[len(pre):]: v.to(dtype) for k, v in state.items()
+                  if k.startswith(pre) and not k.endswith("position_ids")}
+    missing, _ = text.load_state_dict(clip_state, strict=False, assign=True)
+    missing = [m for m in missing if not m.endswith("position_ids")]
     if missing:
         raise ModelFileError("an SD1.5 checkpoint whose CLIP text encoder is complete", f"'{Path(path).name}' "
                              f"without {len(missing)} of its tensors (e.g. {missing[0]})", "Pick another file.")
-    text.text_model.embeddings.register_buffer(
-        "position_ids", torch.arange(text_cfg.max_position_embeddings).unsqueeze(0), persistent=False)
+    for name, buf in list(text.named_buffers()):
+        if name.endswith("position_ids") and buf.is_meta:
+            owner = text.get_submodule(name.rsplit(".", 1)[0])
+            owner.register_buffer("position_ids", torch.arange(text_cfg.max_position_embeddings).unsqueeze(0),
+                                  persistent=False)
     text.eval()
     tokenizer = clip_tokenizer(tokenizer_dir)
     return unet, vae, text, tokenizer
@@ -273,7 +286,8 @@ def controlnet_kind(path: str | os.PathLike) -> tuple[str, dict | None]:
     cfg = _blocks_config(keys, prefix, facts("controlnet"))
     hint = sorted(int(m.group(1)) for k in keys if (m := re.match(re.escape(prefix) + r"input_hint_block\.(\d+)\.weight$", k)))
     outs = [keys[f"{prefix}input_hint_block.{i}.weight"][0] for i in hint[:-1]]
-    cfg["conditioning_embedding_out_channels"] = sorted(set(outs), key=outs.index)
+    # convs: conv_in (c0), then per level a pair (c_i → c_i, c_i → c_i+1 with stride 2), then conv_out
+    cfg["conditioning_embedding_out_channels"] = outs[:1] + outs[2::2]
     return "original_file", cfg
 
 

@@ -28,24 +28,14 @@ def write_y4m(path: Path, frames: int = 12, side: int = SIDE) -> Path:
 
 
 @pytest.fixture(scope="module")
-def camera_browser(tmp_path_factory):
-    """A Chromium of its own: the fake camera flags apply to the whole browser."""
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("Playwright is not installed")
+def camera_browser(browser, tmp_path_factory):
+    """A second Chromium from the session's Playwright: the fake camera flags apply to a whole browser."""
     clip = write_y4m(tmp_path_factory.mktemp("camera") / "dance.y4m")
-    pw = sync_playwright().start()
-    try:
-        browser = pw.chromium.launch(executable_path=frontend.chromium_path(), headless=True, args=[
-            *frontend.LAUNCH_ARGS, "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
-            f"--use-file-for-fake-video-capture={clip}"])
-    except Exception as e:  # noqa: BLE001
-        pw.stop()
-        pytest.skip(f"Chromium did not start: {e}")
-    yield browser
-    browser.close()
-    pw.stop()
+    cam = browser.browser_type.launch(executable_path=frontend.chromium_path(), headless=True, args=[
+        *frontend.LAUNCH_ARGS, "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+        f"--use-file-for-fake-video-capture={clip}"])
+    yield cam
+    cam.close()
 
 
 def test_live_panel_with_the_fake_camera(camera_browser, comfy_server, client, comfy_base, tmp_path_factory,

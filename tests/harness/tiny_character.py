@@ -6,7 +6,8 @@
   (``clip_vision``), an LCM LoRA (``lcm_lora``) and madebyollin-layout TAESD files (``taesd_decoder`` /
   ``taesd_encoder``, built from :class:`TaesdReference`, an independent description of TAESD's published layout).
 
-Shapes keep SD1.5's proportions at toy size: 8× VAE, 8 heads per attention, 4 IP-Adapter tokens.
+Shapes keep SD1.5's proportions at toy size: 8× VAE, 8 heads per attention, 4 IP-Adapter tokens, 32 norm groups
+(16 in the 16-wide VAE), one CLIP head: what a single file cannot say is what the loader assumes for unknown sizes.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def _unet_kwargs() -> dict:
     return dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=CONTEXT,
-                attention_head_dim=8, norm_num_groups=8)
+                attention_head_dim=8, norm_num_groups=32)
 
 
 def _randomize(module: nn.Module, seed: int, scale: float = 0.05) -> nn.Module:
@@ -135,12 +136,12 @@ def build(root: str | Path) -> dict[str, Path]:
     folder = paths["sd15"]
     unet = _randomize(UNet2DConditionModel(**_unet_kwargs()), 1)
     unet.save_pretrained(folder / "unet")
-    vae = _randomize(AutoencoderKL(block_out_channels=(16, 16, 16, 16), norm_num_groups=8, layers_per_block=1,
+    vae = _randomize(AutoencoderKL(block_out_channels=(16, 16, 16, 16), norm_num_groups=16, layers_per_block=1,
                                    down_block_types=("DownEncoderBlock2D",) * 4,
                                    up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, sample_size=64), 2)
     vae.save_pretrained(folder / "vae")
     text = CLIPTextModel(CLIPTextConfig(hidden_size=CONTEXT, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, vocab_size=49408, max_position_embeddings=77))
+                                        num_attention_heads=1, vocab_size=49408, max_position_embeddings=77))
     _randomize(text, 3, 0.02).save_pretrained(folder / "text_encoder")
     sched = json.loads((Path(__file__).parents[2] / "atelier" / "configs" / "sd15" / "scheduler.json").read_text())
     PNDMScheduler.from_config(sched).save_pretrained(folder / "scheduler")
@@ -201,3 +202,84 @@ def _lora(unet, path: Path) -> None:
 
 def tokenizer_dir() -> str:
     return str(_tokenizer_dir())
+
+
+def _comfy_unet_config(cfg) -> dict:
+    """ComfyUI's description of a diffusers UNet/ControlNet config (what comfy.utils.unet_to_diffusers reads)."""
+    levels = len(cfg.block_out_channels)
+    attn = [t.startswith("CrossAttn") for t in cfg.down_block_types]
+    return {"num_res_blocks": [cfg.layers_per_block] * levels,
+            "channel_mult": [c // cfg.block_out_channels[0] for c in cfg.block_out_channels],
+            "transformer_depth": [int(a) for a in attn for _ in range(cfg.layers_per_block)],
+            "transformer_depth_output": [int(a) for a in attn for _ in range(cfg.layers_per_block + 1)],
+            "transformer_depth_middle": 1}
+
+
+def _comfy():
+    import sys
+
+    from tests.harness.comfy_server import comfy_root
+
+    root = str(comfy_root())
+    if root not in sys.path:
+        sys.path.append(root)
+
+
+def export_ldm_controlnet(folder: Path, out: Path) -> Path:
+    """The tiny ControlNet in lllyasviel's original layout (control_v11p_*.pth keys: input_blocks, zero_convs,
+    input_hint_block, middle_block_out), as a safetensors file. The UNet part uses ComfyUI's key map; the
+    ControlNet-only parts are numbered the way the original files number them (hint convs at even indices)."""
+    from diffusers import ControlNetModel
+    from safetensors.torch import save_file
+
+    if out.is_file():
+        return out
+    _comfy()
+    from comfy.utils import unet_to_diffusers
+
+    cn = ControlNetModel.from_pretrained(folder)
+    sd = cn.state_dict()
+    mapping = {d: ldm for d, ldm in unet_to_diffusers(_comfy_unet_config(cn.config)).items() if d in sd}
+    mapping.update({f"controlnet_mid_block.{w}": f"middle_block_out.0.{w}" for w in ("weight", "bias")})
+    n_down = sum(1 for k in sd if k.startswith("controlnet_down_blocks.") and k.endswith(".weight"))
+    n_blocks = sum(1 for k in sd if k.startswith("controlnet_cond_embedding.blocks.") and k.endswith(".weight"))
+    for w in ("weight", "bias"):
+        mapping.update({f"controlnet_down_blocks.{i}.{w}": f"zero_convs.{i}.0.{w}" for i in range(n_down)})
+        mapping[f"controlnet_cond_embedding.conv_in.{w}"] = f"input_hint_block.0.{w}"
+        mapping.update({f"controlnet_cond_embedding.blocks.{i}.{w}": f"input_hint_block.{2 * (i + 1)}.{w}"
+                        for i in range(n_blocks)})
+        mapping[f"controlnet_cond_embedding.conv_out.{w}"] = f"input_hint_block.{2 * (n_blocks + 1)}.{w}"
+    assert set(mapping) == set(sd), f"unmapped ControlNet keys: {sorted(set(sd) - set(mapping))[:5]}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({mapping[k]: v.contiguous() for k, v in sd.items()}, str(out))
+    return out
+
+
+def export_ldm_checkpoint(sd15: Path, out: Path) -> Path:
+    """The tiny SD1.5 folder as one original-layout checkpoint (model.diffusion_model.*, first_stage_model.*,
+    cond_stage_model.transformer.*), written with ComfyUI's own diffusers → LDM key maps (comfy.utils,
+    comfy.diffusers_convert): an independent description of the layout Atelier's loader reads."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel
+
+    if out.is_file():
+        return out
+    _comfy()
+    from comfy import diffusers_convert
+    from comfy.utils import unet_to_diffusers
+
+    unet = UNet2DConditionModel.from_pretrained(sd15, subfolder="unet")
+    mapping = unet_to_diffusers(_comfy_unet_config(unet.config))
+    usd = unet.state_dict()
+    state = {f"model.diffusion_model.{ldm}": usd[d] for d, ldm in mapping.items() if d in usd}
+    assert len(state) == len(usd), f"unmapped UNet keys: {sorted(set(usd) - set(mapping))[:5]}"
+    vae = AutoencoderKL.from_pretrained(sd15, subfolder="vae").state_dict()
+    state.update({f"first_stage_model.{k}": v for k, v in diffusers_convert.convert_vae_state_dict(vae).items()})
+    text = CLIPTextModel.from_pretrained(sd15, subfolder="text_encoder").state_dict()
+    # SD1.5 files name them cond_stage_model.transformer.text_model.* (transformers 5 saves without text_model.)
+    state.update({"cond_stage_model.transformer." + (k if k.startswith("text_model.") else f"text_model.{k}"): v
+                  for k, v in text.items() if not k.endswith("position_ids")})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out))
+    return out
