@@ -102,7 +102,8 @@ def _blocks_config(keys: dict[str, list[int]], prefix: str, base: dict) -> dict:
     cfg["block_out_channels"] = channels
     cfg["layers_per_block"] = layers
     cfg["down_block_types"] = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention]
-    cfg["up_block_types"] = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)]
+    if "up_block_types" in base:  # a UNet (ControlNets have no up blocks)
+        cfg["up_block_types"] = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)]
     to_k = [k for k in keys if k.startswith(prefix) and k.endswith("attn2.to_k.weight")]
     if to_k:
         cfg["cross_attention_dim"] = keys[to_k[0]][1]

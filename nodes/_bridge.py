@@ -440,16 +440,15 @@ def sd15_model_choices() -> list[str]:
         if folders.diffusers_pipeline_class(path) in sd15_files.SD15_PIPELINES]
 
 
+def _named(found: list[tuple[str, Path]], name: str) -> str | None:
+    return next((str(path) for n, path in found if n == name), None)
+
+
 def sd15_model_path(choice: str) -> str:
-    if choice.startswith(DIFFUSERS_PREFIX):
-        name = choice[len(DIFFUSERS_PREFIX):]
-        for found, path in _diffusers_folders():
-            if found == name:
-                return str(path)
-    else:
-        path = folder_paths.get_full_path("checkpoints", choice)
-        if path:
-            return path
+    path = (_named(_diffusers_folders(), choice[len(DIFFUSERS_PREFIX):]) if choice.startswith(DIFFUSERS_PREFIX)
+            else folder_paths.get_full_path("checkpoints", choice))
+    if path:
+        return path
     raise ModelFileError(f"the SD1.5 model '{choice}' (models/checkpoints or models/diffusers)", "no such file",
                          "Put an SD1.5 checkpoint in models/checkpoints, refresh (R) and pick it.")
 
@@ -468,14 +467,10 @@ def controlnet_choices() -> list[str]:
 
 
 def controlnet_path(choice: str) -> str:
-    if choice.endswith("/"):
-        for name, path in _controlnet_folders():
-            if name + "/" == choice:
-                return str(path)
-    else:
-        path = folder_paths.get_full_path("controlnet", choice)
-        if path:
-            return path
+    path = (_named(_controlnet_folders(), choice[:-1]) if choice.endswith("/")
+            else folder_paths.get_full_path("controlnet", choice))
+    if path:
+        return path
     raise ModelFileError(f"the ControlNet '{choice}' in models/controlnet", "no such file or folder",
                          "Put control_v11p_sd15_openpose in models/controlnet, refresh (R) and pick it.")
 
