@@ -66,6 +66,7 @@ STAGE_MODULES: dict[str, str] = {
     "pose": "pose",
     "depth": "depth",
     "fastcomposer": "fastcomposer",
+    "character": "character",
 }
 
 

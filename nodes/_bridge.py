@@ -33,6 +33,7 @@ VLM = io.Custom("ATELIER_VLM")
 BgRemover = io.Custom("ATELIER_BG_REMOVER")
 SAM2 = io.Custom("ATELIER_SAM2")
 FastComposer = io.Custom("ATELIER_FASTCOMPOSER")
+Character = io.Custom("ATELIER_CHARACTER")
 
 
 def _register_folder(name: str, extensions: set[str]) -> None:
@@ -61,6 +62,7 @@ _register_folder("LLM", {".safetensors", ".json"})
 _register_folder("pose", {".tflite"})
 _register_folder("depth", {".safetensors", ".json"})
 _register_folder("fastcomposer", {".bin", ".safetensors"})  # the released pytorch_model.bin (weights_only load)
+_register_folder("ipadapter", {".safetensors", ".bin"})  # h94's IP-Adapter files (no core folder)
 
 AUTO = "auto"
 DIFFUSERS_PREFIX = "diffusers/"
@@ -506,3 +508,118 @@ def fastcomposer_fingerprint(model: str, base: str | None):
     """Size and mtime of the chosen files: replacing one under the same name reruns the loader."""
     return (model_fingerprint("fastcomposer", model),
             model_fingerprint("checkpoints", base if base and base != NONE else None))
+# ---------------------------------------------------------------------------------- realtime character (SD1.5)
+
+NONE = "none"
+FULL = "full"
+CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt")
+
+
+def _files(folder: str, extensions=(".safetensors",)) -> list[str]:
+    return [n for n in folder_paths.get_filename_list(folder) if n.lower().endswith(extensions)]
+
+
+def sd15_model_choices() -> list[str]:
+    """Checkpoints in models/checkpoints (SDXL files are refused when loading, with a clear error) and
+    SD1.5 diffusers folders (model_index.json naming a StableDiffusion pipeline) under models/diffusers."""
+    from ..atelier import sd15_files
+
+    return _files("checkpoints", CHECKPOINT_EXTENSIONS) + [
+        DIFFUSERS_PREFIX + name for name, path in _diffusers_folders()
+        if folders.diffusers_pipeline_class(path) in sd15_files.SD15_PIPELINES]
+
+
+def _named(found: list[tuple[str, Path]], name: str) -> str | None:
+    return next((str(path) for n, path in found if n == name), None)
+
+
+def sd15_model_path(choice: str) -> str:
+    path = (_named(_diffusers_folders(), choice[len(DIFFUSERS_PREFIX):]) if choice.startswith(DIFFUSERS_PREFIX)
+            else folder_paths.get_full_path("checkpoints", choice))
+    if path:
+        return path
+    raise ModelFileError(f"the SD1.5 model '{choice}' (models/checkpoints or models/diffusers)", "no such file",
+                         "Put an SD1.5 checkpoint in models/checkpoints, refresh (R) and pick it.")
+
+
+def _controlnet_folders() -> list[tuple[str, Path]]:
+    return folders.find_model_folders(folder_paths.get_folder_paths("controlnet"),
+                                      lambda p: (p / "config.json").is_file())
+
+
+def controlnet_choices() -> list[str]:
+    """ControlNet files (.safetensors / .pth) and diffusers ControlNet folders (config.json) in models/controlnet."""
+    folder_names = [name + "/" for name, _ in _controlnet_folders()]
+    files = [n for n in _files("controlnet", (".safetensors", ".pth"))
+             if not any(n.replace(os.sep, "/").startswith(f) for f in folder_names)]
+    return files + folder_names
+
+
+def controlnet_path(choice: str) -> str:
+    path = (_named(_controlnet_folders(), choice[:-1]) if choice.endswith("/")
+            else folder_paths.get_full_path("controlnet", choice))
+    if path:
+        return path
+    raise ModelFileError(f"the ControlNet '{choice}' in models/controlnet", "no such file or folder",
+                         "Put control_v11p_sd15_openpose in models/controlnet, refresh (R) and pick it.")
+
+
+def optional_file_choices(folder: str, first: str, extensions=(".safetensors",), contains: str = "") -> list[str]:
+    return [first] + [n for n in _files(folder, extensions) if contains in n.lower()]
+
+
+def optional_file_path(choice: str, folder: str, off: str) -> str | None:
+    if choice == off:
+        return None
+    path = folder_paths.get_full_path(folder, choice)
+    if path is None:
+        raise ModelFileError(f"'{choice}' in models/{folder}", "no such file", "Refresh (R) and pick a file that exists.")
+    return path
+
+
+def clip_vision_path(choice: str, ip_adapter: str | None) -> str | None:
+    """The CLIP vision file: the chosen one, or for ``auto`` the ViT-H (ViT-bigG for vit-G adapters) by name."""
+    if ip_adapter is None:
+        return None
+    if choice != AUTO:
+        return optional_file_path(choice, "clip_vision", AUTO)
+    bigg = "vit-g" in Path(ip_adapter).name.lower()
+    wanted = ("bigg", "vit-g") if bigg else ("vit-h", "h-14", "h14")
+    return _resolve_part(AUTO, "clip_vision", wanted, "CLIP vision (IP-Adapter image encoder)")
+
+
+def sd1_tokenizer() -> str:
+    return tokenizer_dirs()[0]
+
+
+def prompt_server_routes():
+    """aiohttp's RouteTableDef of ComfyUI's server, or None (no server: scripts, engine tests, other front ends)."""
+    try:
+        import server
+    except ImportError:
+        return None
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    return getattr(instance, "routes", None)
+
+
+def pose_function(name: str, min_confidence: float = 0.5):
+    """IMAGE → OpenPose maps with the pose stage (BlazePose, models/pose), or None when that stage is not
+    installed or ``name`` is empty / "none" (the frames are then used as pose maps as they are)."""
+    if not name or name == NONE or "pose_spec" not in globals():
+        return None
+    from ..atelier import pose as pose_engine
+
+    handle = pose_engine.make_handle(globals()["pose_spec"](name), None)
+
+    def run(image):
+        model = acquire(pose_engine.STAGE, handle)
+        maps, _, _ = pose_engine.pose_maps(model, image, min_confidence, "")
+        return maps
+
+    return run
+
+
+def live_pose_choices() -> list[str]:
+    """The pose models the live panel can use (empty without the pose stage)."""
+    choices = globals().get("pose_choices")
+    return list(choices()) if choices else []

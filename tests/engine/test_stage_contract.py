@@ -54,6 +54,13 @@ def _spec(group: str, base: Path, tiny_dir: Path):
 
         path = tiny_fastcomposer.shared_folder(base)["checkpoint"]
         return fastcomposer.make_spec(str(path), str(tiny_fastcomposer.tokenizer_dir()))
+    if group == "character":
+        from atelier.character import CharacterSpec
+        from tests.harness import tiny_character
+
+        t = tiny_character.build(base / "tiny-character")
+        return CharacterSpec(model=str(t["sd15"]), controlnet=str(t["controlnet"]),
+                             tokenizer=tiny_character.tokenizer_dir())
     raise AssertionError(f"no tiny model for the stage {group!r}: add one here when adding the stage")
 
 
