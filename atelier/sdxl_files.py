@@ -169,6 +169,9 @@ def checkpoint_config_dir(path: str | os.PathLike, pipeline_class: str) -> Path:
     """A diffusers config folder (model_index.json + each part's config) for ``from_single_file(config=…)``."""
     header = read_safetensors_header(path)
     te1, te2 = text_configs(header, path)
+    unet = unet_config(header, path)
+    # the "text_time" embedding reads the pooled bigG embedding + 6 time ids of this width
+    unet["addition_time_embed_dim"] = (unet["projection_class_embeddings_input_dim"] - te2["projection_dim"]) // 6
     files = {
         "model_index.json": {"_class_name": pipeline_class, "_diffusers_version": "0.36.0",
                              "force_zeros_for_empty_prompt": True, "requires_aesthetics_score": False,
@@ -178,7 +181,7 @@ def checkpoint_config_dir(path: str | os.PathLike, pipeline_class: str) -> Path:
                              "tokenizer": ["transformers", "CLIPTokenizer"],
                              "tokenizer_2": ["transformers", "CLIPTokenizer"],
                              "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]},
-        "unet/config.json": unet_config(header, path),
+        "unet/config.json": unet,
         "vae/config.json": vae_config(header, path),
         "text_encoder/config.json": te1,
         "text_encoder_2/config.json": te2,
@@ -252,7 +255,7 @@ def controlnet_config(path: str | os.PathLike) -> dict:
     return cfg
 
 
-def controlnet_ldm_config_dir(path: str | os.PathLike) -> Path:
+def controlnet_ldm_config_dir(path: str | os.PathLike, addition_time_embed_dim: int) -> Path:
     """Config folder for an LDM-named ControlNet file: its shapes read like a UNet's input half."""
     header = read_safetensors_header(path)
     prefix = "control_model." if any(k.startswith("control_model.") for k in header) else ""
@@ -265,6 +268,7 @@ def controlnet_ldm_config_dir(path: str | os.PathLike) -> Path:
               "transformer_layers_per_block", "attention_head_dim", "cross_attention_dim",
               "projection_class_embeddings_input_dim"):
         cfg[k] = u[k]
+    cfg["addition_time_embed_dim"] = addition_time_embed_dim
     return write_config_folder("controlnet-ldm", path, {"config.json": cfg})
 
 

@@ -254,3 +254,60 @@ def sd15_checkpoint(path: Path) -> Path:
                "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(10, 8),
                "first_stage_model.encoder.conv_in.weight": torch.zeros(32, 3, 3, 3)}, path)
     return path
+
+
+IP_ADAPTER = "ip-adapter_sdxl_vit-h-tiny"
+CLIP_VISION_FILE = "CLIP-ViT-H-14-laion2B-s32B-b79K-tiny.safetensors"
+
+
+def build_world(root: Path) -> dict[str, Path]:
+    """Every try-on file under ``root`` laid out like a ComfyUI models/ tree (idempotent); returns their paths.
+
+    checkpoints/ (SDXL inpainting + base + an SD1.5-layout file), diffusers/ (the inpainting folder), controlnet/
+    (folder + single file), clip_vision/ (the fitting encoder + one of another width), ipadapter/ (plain .safetensors
+    and .bin, plus .safetensors; h94's folder layout with models/image_encoder for plain diffusers), loras/ (kohya)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    root = Path(root)
+    paths = {
+        "folder": root / "diffusers" / "sdxl-inpaint-tiny",
+        "base_folder": root / "work" / "sdxl-base-tiny",
+        "checkpoint": root / "checkpoints" / "sdxl_inpaint_tiny.safetensors",
+        "base_checkpoint": root / "checkpoints" / "sdxl_base_tiny.safetensors",
+        "sd15": root / "checkpoints" / "sd15_tiny.safetensors",
+        "controlnet_folder": root / "controlnet" / "controlnet-depth-sdxl-tiny",
+        "controlnet_file": root / "controlnet" / "controlnet-depth-sdxl-tiny.safetensors",
+        "clip_vision": root / "clip_vision" / CLIP_VISION_FILE,
+        "clip_vision_other": root / "clip_vision" / "CLIP-ViT-bigG-14-laion2B-39B-b160k-tiny.safetensors",
+        "h94": root / "work" / "h94",
+        "ip_safetensors": root / "ipadapter" / f"{IP_ADAPTER}.safetensors",
+        "ip_bin": root / "ipadapter" / f"{IP_ADAPTER}.bin",
+        "ip_plus": root / "ipadapter" / "ip-adapter-plus_sdxl_vit-h-tiny.safetensors",
+        "lora": root / "loras" / "tryon_kohya_tiny.safetensors",
+    }
+    done = root / ".tiny-sdxl-done"
+    if done.exists():
+        return paths
+    build_folder(paths["folder"], inpaint=True)
+    build_folder(paths["base_folder"], seed=5, inpaint=False)
+    export_checkpoint(paths["folder"], paths["checkpoint"])
+    export_checkpoint(paths["base_folder"], paths["base_checkpoint"])
+    sd15_checkpoint(paths["sd15"])
+    build_controlnet(paths["controlnet_folder"])
+    export_controlnet_file(paths["controlnet_folder"], paths["controlnet_file"])
+    h94 = paths["h94"]
+    clip = build_clip_vision(paths["clip_vision"], h94 / "models" / "image_encoder")
+    build_clip_vision(paths["clip_vision_other"], root / "work" / "other_encoder", seed=6, projection_dim=20)
+    unet = UNet2DConditionModel.from_pretrained(paths["folder"], subfolder="unet")
+    plain = ip_adapter_state(unet, clip.config)
+    for key in ("ip_safetensors", "ip_bin"):
+        save_ip_adapter(plain, paths[key])
+        save_ip_adapter(plain, h94 / "sdxl_models" / paths[key].name)
+    plus = ip_adapter_state(unet, clip.config, plus=True)
+    save_ip_adapter(plus, paths["ip_plus"])
+    save_ip_adapter(plus, h94 / "sdxl_models" / paths["ip_plus"].name)
+    te = CLIPTextModel.from_pretrained(paths["folder"], subfolder="text_encoder")
+    kohya_lora(unet, te, paths["lora"])
+    done.write_text("ok")
+    return paths
