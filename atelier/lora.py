@@ -147,15 +147,17 @@ def load_checked(pipe, lora: LoraRef, base: str) -> None:
         for lg in watched:
             lg.removeHandler(capture)
     injected = 0 if problem else _injected(pipe, lora.adapter)
-    unmatched = [m for m in capture.messages if re.search(r"unexpected keys|No LoRA keys|not found in the model", m)]
-    if problem is None and injected > 0 and not unmatched:
+    # "No LoRA keys associated to <part>" only says a part is untouched; unexpected keys are layers left over
+    unmatched = [m for m in capture.messages if re.search(r"unexpected keys|not found in the model", m)]
+    if problem is None and injected >= len(layers) and not unmatched:
         log.info("Atelier: LoRA %s loaded (%d layers)", name, injected)
         return
     try:
         pipe.delete_adapters([lora.adapter])
     except Exception:  # noqa: BLE001 - nothing (or half) was loaded
         log.debug("Atelier: removing a LoRA that did not load failed", exc_info=True)
-    detail = problem or (unmatched[0][:300] if unmatched else "no layer of the file found its module")
+    detail = problem or (unmatched[0][:300] if unmatched else
+                         "; ".join(m[:160] for m in capture.messages[:2]) or "no layer of the file found its module")
     raise ModelFileError(
         f"a LoRA for {base} (its layers named and shaped like {base}'s)",
         f"'{name}', which looks like a LoRA for {guess_base(state)}: {injected} of {len(layers)} layers matched "

@@ -63,6 +63,7 @@ STAGE_MODULES: dict[str, str] = {
     "vlm": "captioner",
     "bg_remover": "masker",
     "sam2": "segmenter",
+    "tryon": "tryon",
 }
 
 

@@ -39,6 +39,16 @@ def _spec(group: str, base: Path, tiny_dir: Path):
 
         path = tiny_sam2.write_checkpoints(base / "contract-sam2")["pt"]
         return segmenter.SAM2Spec(path=str(path), stamp=segmenter.file_stamp(path))
+    if group == "tryon":
+        from atelier import tryon
+        from tests.harness import tiny_sdxl
+        from tests.harness.comfy_server import comfy_root
+
+        world = tiny_sdxl.build_world(base / "tiny_sdxl_models")
+        return tryon.TryOnSpec(files=tryon.TryOnFiles(
+            layout="single_file", path=str(world["checkpoint"]), controlnet=str(world["controlnet_file"]),
+            ip_adapter=str(world["ip_safetensors"]), clip_vision=str(world["clip_vision"]),
+            tokenizer=str(comfy_root() / "comfy" / "sd1_tokenizer")))
     raise AssertionError(f"no tiny model for the stage {group!r}: add one here when adding the stage")
 
 

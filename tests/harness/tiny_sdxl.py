@@ -236,7 +236,7 @@ def kohya_lora(unet, text_encoder, path: Path, rank: int = 4, seed: int = 4, alp
             ldm = key_map[f"{name}.weight"][: -len(".weight")]
             add("lora_unet_" + ldm.replace(".", "_"), module)
     for name, module in text_encoder.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.endswith(("q_proj", "v_proj")):
+        if isinstance(module, torch.nn.Linear) and name.endswith(("q_proj", "k_proj", "v_proj", "out_proj")):
             full = name if name.startswith("text_model.") else "text_model." + name
             add("lora_te1_" + full.replace(".", "_"), module)
     path.parent.mkdir(parents=True, exist_ok=True)
