@@ -12,7 +12,7 @@ WEB_DIRECTORY = "./web"
 log = logging.getLogger("atelier")
 
 # one module per stage under nodes/; a stage whose optional package is missing is left out with one log line
-STAGES = ("fill", "caption", "mask", "sam2", "placement", "layers")
+STAGES = ("fill", "caption", "mask", "sam2", "placement", "layers", "tryon")
 
 try:
     from comfy_api.latest import ComfyExtension, io

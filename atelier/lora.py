@@ -109,7 +109,8 @@ def guess_base(keys) -> str:
     text = " ".join(list(keys)[:4000])
     if re.search(r"double_blocks|single_blocks|single_transformer_blocks|transformer_blocks\.\d+\.attn\.add_q_proj", text):
         return "FLUX"
-    if "lora_te2_" in text or "text_encoder_2." in text or re.search(r"input_blocks_[78]_1_transformer_blocks_[1-9]", text):
+    # kohya names SDXL's UNet layers the SGM way (input_blocks …); its SD1.5 LoRAs use diffusers' (down_blocks …)
+    if "lora_te2_" in text or "text_encoder_2." in text or re.search(r"lora_unet_(input|output)_blocks|middle_block", text):
         return "SDXL"
     if "lora_te_" in text or "lora_unet_down_blocks_0_attentions" in text or "down_blocks.0.attentions" in text:
         return "SD1.5"

@@ -92,6 +92,7 @@ class LoadedPipeline:
     footprint: Footprint
     notes: list[str] = field(default_factory=list)
     load_seconds: float = 0.0
+    lora_loaded: dict = field(default_factory=dict)  # adapter name -> atelier.lora.LoraRef now in the pipeline
 
     @property
     def resident_bytes(self) -> int:

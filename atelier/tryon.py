@@ -10,7 +10,6 @@ weights, inputs and seed, same pixels.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -155,9 +154,8 @@ def part_sizes(files: TryOnFiles) -> dict[str, int]:
 
 @dataclass
 class TryOnModel(pipelines.LoadedPipeline):
-    """The built pipeline (see :class:`pipelines.LoadedPipeline`); ``lora_loaded``: adapters now in it."""
+    """The built pipeline (see :class:`pipelines.LoadedPipeline`)."""
 
-    lora_loaded: dict = dataclasses.field(default_factory=dict)
     # under offload "model" the ControlNet runs every step beside the UNet: it stays on the GPU
     resident_in_model_offload: ClassVar[tuple[str, ...]] = ("controlnet",)
 

@@ -127,3 +127,18 @@ def export_single_files(pipeline_dir: Path, models_dir: Path) -> dict[str, Path]
     save_file(t5, paths["t5xxl"])
     save_file({k: v.contiguous() for k, v in convert_vae(pipe.vae.state_dict()).items()}, paths["vae"])
     return paths
+
+
+def random_lora(transformer, path: Path, rank: int = 4, seed: int = 7) -> Path:
+    """A random LoRA on the attention projections of ``transformer``, in diffusers/PEFT key names."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, module in transformer.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.endswith((".to_q", ".to_k", ".to_v")):
+            out[f"transformer.{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=g) * 0.3
+            out[f"transformer.{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=g) * 0.3
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(out, path)
+    return path
