@@ -165,12 +165,14 @@ def _check_loaded(module: torch.nn.Module, name: str, path: str) -> None:
 
 def inpaint(model: FluxFillModel, image: torch.Tensor, mask: torch.Tensor, prompt: str, *, steps: int = 28,
             guidance: float = 30.0, seed: int = 0, composite_back: bool = True,
-            progress: Progress | None = None, loras: tuple = ()) -> torch.Tensor:
+            progress: Progress | None = None, loras: tuple = (), prompt_embeds: torch.Tensor | None = None,
+            pooled_prompt_embeds: torch.Tensor | None = None) -> torch.Tensor:
     """Repaint the masked part of each image. IMAGE BHWC in, IMAGE BHWC out (same size as the input).
 
     Image ``i`` of a batch uses the seed ``seed + i``; an image whose mask is empty is returned untouched without
     sampling. With ``composite_back`` the pixels where the mask is 0 are exactly the input's. ``loras``: the pipe
-    handle's LoRA list (:mod:`atelier.lora`), applied to the cached pipeline before sampling.
+    handle's LoRA list (:mod:`atelier.lora`), applied to the cached pipeline before sampling. ``prompt_embeds`` +
+    ``pooled_prompt_embeds`` (e.g. FLUX Redux's) replace the prompt.
     """
     progress = progress or NullProgress()
     image = check_image(image)
@@ -189,13 +191,15 @@ def inpaint(model: FluxFillModel, image: torch.Tensor, mask: torch.Tensor, promp
             progress.step(steps)
             results.append(img)
             continue
-        out = _run_one(model, img, msk, prompt, steps, guidance, seed + i, progress)
+        embeds = ({} if prompt_embeds is None else
+                  {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds})
+        out = _run_one(model, img, msk, prompt, steps, guidance, seed + i, progress, embeds)
         results.append(composite(img, out, msk) if composite_back else out)
     return torch.cat(results, dim=0)
 
 
 def _run_one(model: FluxFillModel, image: torch.Tensor, mask: torch.Tensor, prompt: str, steps: int,
-             guidance: float, seed: int, progress: Progress) -> torch.Tensor:
+             guidance: float, seed: int, progress: Progress, embeds: dict | None = None) -> torch.Tensor:
     pipe = model.pipe
     if pipe is None:
         raise released("FLUX Fill pipeline")
@@ -213,7 +217,8 @@ def _run_one(model: FluxFillModel, image: torch.Tensor, mask: torch.Tensor, prom
     try:
         with torch.inference_mode(), cache:
             out = pipe(
-                prompt=prompt, image=to_bchw(img), mask_image=msk.unsqueeze(1), height=h, width=w,
+                prompt=None if embeds else prompt, **(embeds or {}),
+                image=to_bchw(img), mask_image=msk.unsqueeze(1), height=h, width=w,
                 guidance_scale=guidance, num_inference_steps=steps, generator=generator,
                 max_sequence_length=T5_MAX_LENGTH, output_type="pt", callback_on_step_end=on_step,
             ).images

@@ -115,11 +115,12 @@ def load_into(pipe, state: dict, clip_path: str, dtype: torch.dtype) -> None:
 
     cfg = sdxl_files.clip_vision_config(clip_path)
     folder = config_dir("clip-vision", clip_path, cfg, weights=clip_path)
-    encoder = CLIPVisionModelWithProjection.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
-    missing = [n for n, p in encoder.named_parameters() if p.is_meta]
+    encoder, info = CLIPVisionModelWithProjection.from_pretrained(str(folder), dtype=dtype, local_files_only=True,
+                                                                  output_loading_info=True)
+    missing = sorted(info.get("missing_keys") or [])
     if missing:
-        raise ModelFileError("a complete CLIP vision file", f"'{Path(clip_path).name}' without {missing[0]}",
-                             "Re-download the encoder.")
+        raise ModelFileError("a complete CLIP vision file", f"'{Path(clip_path).name}' without {len(missing)} "
+                             f"weights (e.g. {missing[0]})", "Re-download the encoder.")
     size = encoder.config.image_size
     # what diffusers' load_ip_adapter creates when the pipeline has no feature extractor
     pipe.register_modules(image_encoder=encoder, feature_extractor=CLIPImageProcessor(size=size, crop_size=size))

@@ -64,6 +64,7 @@ STAGE_MODULES: dict[str, str] = {
     "bg_remover": "masker",
     "sam2": "segmenter",
     "tryon": "tryon",
+    "redux": "flux_tryon",
 }
 
 

@@ -521,3 +521,22 @@ def lora_fingerprint(name: str):
     except OSError:
         st = None
     return (name, st.st_size, st.st_mtime_ns) if st else (name, None)
+
+
+def style_model_choices() -> list[str]:
+    return [n for n in folder_paths.get_filename_list("style_models") if n.lower().endswith(".safetensors")]
+
+
+def style_model_path(name: str) -> str:
+    return _full("style_models", name, "FLUX Redux file")
+
+
+def siglip_path(name: str) -> str:
+    """The SigLIP file for Redux: the chosen one, or (auto) the first name containing sigclip / siglip."""
+    if name and name != AUTO:
+        return _full("clip_vision", name, "SigLIP encoder")
+    found = _auto_pick("clip_vision", ("sigclip", "siglip"))
+    if found is None:
+        raise ModelFileError("a SigLIP encoder in models/clip_vision (a name containing sigclip or siglip)", "none",
+                             "Put sigclip_vision_patch14_384.safetensors in models/clip_vision, or pick it.")
+    return _full("clip_vision", found, "SigLIP encoder")

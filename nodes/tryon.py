@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
-from ..atelier import fill, tryon
+from ..atelier import fill, flux_tryon, tryon
 from ..atelier import lora as lora_engine
 from ..atelier.errors import InputError
 from ..atelier.types import FluxFillHandle
 from . import _bridge as bridge
 from . import _settings as settings
-from ._bridge import FluxFillPipe, LoraPipe, TryOnPipe
+from ._bridge import FluxFillPipe, LoraPipe, Redux, TryOnPipe
 
 
 class AtelierTryOnLoader(io.ComfyNode):
@@ -158,4 +158,77 @@ class AtelierLoRA(io.ComfyNode):
         return io.NodeOutput(out, ui=ui.PreviewText(f"{base}: LoRA {lora_engine.describe(out.loras)}"))
 
 
-NODES = [AtelierTryOnLoader, AtelierTryOn, AtelierLoRA]
+
+class AtelierReduxLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AtelierReduxLoader",
+            display_name="FLUX Redux Loader",
+            category="atelier/tryon",
+            description="Load FLUX.1 Redux (the garment picture as extra prompt tokens for FLUX Try-On).",
+            inputs=[
+                io.Combo.Input("redux", options=bridge.style_model_choices(),
+                               tooltip="flux1-redux-dev.safetensors in models/style_models."),
+                io.Combo.Input("siglip", options=bridge.clip_vision_choices(), default=bridge.AUTO,
+                               tooltip="The SigLIP encoder in models/clip_vision (auto = a name containing "
+                                       "sigclip or siglip: sigclip_vision_patch14_384.safetensors)."),
+                settings.dtype(),
+            ],
+            outputs=[Redux.Output(display_name="redux")],
+        )
+
+    @classmethod
+    def execute(cls, redux, siglip, dtype) -> io.NodeOutput:
+        spec = flux_tryon.ReduxSpec(redux=bridge.style_model_path(redux), siglip=bridge.siglip_path(siglip),
+                                    dtype=dtype, device=bridge.device())
+        handle, text = bridge.load_stage(flux_tryon.STAGE, spec)
+        return io.NodeOutput(handle, ui=ui.PreviewText(text))
+
+
+class AtelierFluxTryOn(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AtelierFluxTryOn",
+            display_name="Try-On (FLUX Fill)",
+            category="atelier/tryon",
+            description="Dress the person with FLUX.1 Fill: the garment picture is placed beside a crop around "
+                        "the mask, so its logos and text are there to copy; the crop is stitched back and pixels "
+                        "outside the mask stay exact.",
+            inputs=[
+                FluxFillPipe.Input("pipe", tooltip="From FLUX Fill Loader (LoRA nodes allowed in between)."),
+                io.Image.Input("person", tooltip="The person picture (any size)."),
+                io.Image.Input("garment", tooltip="The garment picture (product shot; RGBA is flattened on white)."),
+                io.Mask.Input("mask", tooltip="1 = where the garment goes; the crop is taken around it."),
+                io.String.Input("prompt", multiline=True, default="",
+                                tooltip="E.g. 'the person on the right wears the garment on the left'."),
+                io.Int.Input("steps", default=28, min=1, max=200, tooltip="Denoising steps."),
+                io.Float.Input("guidance", default=30.0, min=0.0, max=100.0, step=0.5,
+                               tooltip="FLUX guidance; Fill works best around 30."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Same seed, same pixels. Person i of a batch uses seed + i."),
+                Redux.Input("redux", optional=True,
+                            tooltip="From FLUX Redux Loader: the garment's image tokens join the prompt."),
+                io.Int.Input("height", default=1024, min=64, max=2048, step=16, optional=True,
+                             tooltip="Height of the side-by-side picture FLUX works on (the crop and the "
+                                     "garment are scaled to it)."),
+                io.Float.Input("margin", default=0.15, min=0.0, max=1.0, step=0.05, optional=True,
+                               tooltip="Context around the mask box in the crop, as a fraction of its size."),
+            ],
+            outputs=[io.Image.Output(display_name="image")],
+        )
+
+    @classmethod
+    def execute(cls, pipe, person, garment, mask, prompt, steps, guidance, seed, redux=None, height=1024,
+                margin=0.15) -> io.NodeOutput:
+        with bridge.comfy_progress(steps * person.shape[0]) as progress:
+            model = bridge.acquire(fill.STAGE, pipe)
+            redux_model = bridge.acquire(flux_tryon.STAGE, redux) if redux is not None else None
+            out = flux_tryon.run(model, person, garment, mask, prompt, steps=steps, guidance=guidance, seed=seed,
+                                 redux=redux_model, height=height, margin=margin, loras=pipe.loras,
+                                 progress=progress)
+        return io.NodeOutput(bridge.images_out(out))
+
+
+NODES = [AtelierTryOnLoader, AtelierTryOn, AtelierLoRA, AtelierFluxTryOn, AtelierReduxLoader]

@@ -49,6 +49,12 @@ def _spec(group: str, base: Path, tiny_dir: Path):
             layout="single_file", path=str(world["checkpoint"]), controlnet=str(world["controlnet_file"]),
             ip_adapter=str(world["ip_safetensors"]), clip_vision=str(world["clip_vision"]),
             tokenizer=str(comfy_root() / "comfy" / "sd1_tokenizer")))
+    if group == "redux":
+        from atelier import flux_tryon
+        from tests.harness import tiny_flux
+
+        files = tiny_flux.build_redux(base / "contract-redux")
+        return flux_tryon.ReduxSpec(redux=str(files["redux"]), siglip=str(files["siglip"]))
     raise AssertionError(f"no tiny model for the stage {group!r}: add one here when adding the stage")
 
 
