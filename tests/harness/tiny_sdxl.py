@@ -170,8 +170,10 @@ def build_clip_vision(dst_file: Path, folder: Path, seed: int = 2, **overrides):
     return model
 
 
-def ip_adapter_state(unet, clip_config, plus: bool = False, tokens: int = 4, seed: int = 3) -> dict:
-    """A random IP-Adapter for ``unet`` in h94's layout: {"image_proj": {...}, "ip_adapter": {...}}."""
+def ip_adapter_state(unet, clip_config, plus: bool = False, tokens: int = 4, seed: int = 3,
+                     resampler: tuple[int, int, int, int] = (32, 2, 16, 2)) -> dict:
+    """A random IP-Adapter for ``unet`` in h94's layout: {"image_proj": {...}, "ip_adapter": {...}}.
+    ``resampler`` (plus only): width, heads, head width, depth (h94's SDXL Plus: 1280, 20, 64, 4; 16 tokens)."""
     g = torch.Generator().manual_seed(seed)
 
     def r(*shape):
@@ -179,11 +181,11 @@ def ip_adapter_state(unet, clip_config, plus: bool = False, tokens: int = 4, see
 
     cross = unet.config.cross_attention_dim
     if plus:  # Resampler (ip-adapter-plus): image hidden states -> 'tokens' queries
-        dim, heads, dim_head, emb = 32, 2, 16, clip_config.hidden_size
+        (dim, heads, dim_head, depth), emb = resampler, clip_config.hidden_size
         proj = {"latents": r(1, tokens, dim), "proj_in.weight": r(dim, emb), "proj_in.bias": r(dim),
                 "proj_out.weight": r(cross, dim), "proj_out.bias": r(cross),
                 "norm_out.weight": 1 + r(cross), "norm_out.bias": r(cross)}
-        for i in range(2):
+        for i in range(depth):
             p = f"layers.{i}"
             proj.update({f"{p}.0.norm1.weight": 1 + r(dim), f"{p}.0.norm1.bias": r(dim),
                          f"{p}.0.norm2.weight": 1 + r(dim), f"{p}.0.norm2.bias": r(dim),
