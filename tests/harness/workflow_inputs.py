@@ -21,6 +21,8 @@ import numpy as np
 VLM_CHOICE = "tiny-qwen2_5_vl"  # the folder tests/comfy builds too (reused when it exists)
 LAYERED_CHOICE = "Qwen-Image-Layered-tiny"
 U2NETP = "u2netp.onnx"  # the workflows' own choice: the real file, no swap needed
+TRYON_CHOICE = "checkpoints/sdxl_inpaint_tiny.safetensors"
+TRYON_IP_ADAPTER = "ip-adapter-plus_sdxl_vit-h.safetensors"  # the workflow's own choice: a tiny one under that name
 
 
 def place_models(models_root: Path, flux_choice: str, work_dir: Path) -> dict:
@@ -28,7 +30,7 @@ def place_models(models_root: Path, flux_choice: str, work_dir: Path) -> dict:
 
     `flux_choice`: the tiny FLUX.1 Fill's combo value (the `tiny_flux` fixture builds it); `work_dir`: where the
     tiny Qwen-Image-Layered is built once per session (a pytest basetemp)."""
-    from tests.harness import real_weights, tiny_layered, tiny_sam2, tiny_vlm
+    from tests.harness import real_weights, tiny_layered, tiny_sam2, tiny_sdxl, tiny_vlm
 
     models_root = Path(models_root)
     tiny_vlm.build("qwen2_5_vl", models_root / "LLM" / VLM_CHOICE)
@@ -42,7 +44,12 @@ def place_models(models_root: Path, flux_choice: str, work_dir: Path) -> dict:
     layered = models_root / "diffusers" / LAYERED_CHOICE
     if not layered.exists():
         layered.symlink_to(tiny_layered.shared_folder(work_dir), target_is_directory=True)
+    world = tiny_sdxl.build_world(models_root)
+    plus = models_root / "ipadapter" / TRYON_IP_ADAPTER
+    if not plus.exists():
+        plus.symlink_to(world["ip_plus"])
     return {
+        "AtelierTryOnLoader": TRYON_CHOICE,
         "AtelierFluxFillLoader": flux_choice,
         "AtelierVLMLoader": VLM_CHOICE,
         "AtelierBackgroundRemoverLoader": U2NETP,
@@ -65,6 +72,8 @@ ARTIST_EDITS = {
                                      "AtelierFluxFillLoader": {"model": None}, "AtelierFluxFill": {"steps": 2}},
     "layer_split.json": {"AtelierLayeredLoader": {"model": None}, "AtelierSplitLayers": {"steps": 2, "layers": 2}},
     "layer_edit_roundtrip.json": {},
+    "tryon_sdxl.json": {"AtelierTryOnLoader": {"model": None}, "AtelierTryOn": {"steps": 2}},
+    "tryon_flux.json": {"AtelierFluxFillLoader": {"model": None}, "AtelierFluxTryOn": {"steps": 2, "height": 32}},
 }
 
 
@@ -103,6 +112,21 @@ def inpaint_example(w: int = 128, h: int = 96) -> np.ndarray:
     return rgba
 
 
+def tryon_person(size: int = 64) -> np.ndarray:
+    """The scene as RGBA with a transparent torso-like block: the MaskEditor's output (transparent = garment area)."""
+    rgba = np.dstack([scene(size, size), np.full((size, size), 255, np.uint8)])
+    rgba[size // 4: 7 * size // 8, size // 5: 4 * size // 5, 3] = 0
+    return rgba
+
+
+def tryon_garment(w: int = 40, h: int = 48) -> np.ndarray:
+    """A red shirt-ish block with a white 'logo' on a light background."""
+    rgb = np.full((h, w, 3), 235, np.uint8)
+    rgb[h // 8:, w // 8: 7 * w // 8] = (200, 30, 40)
+    rgb[h // 3: h // 2, 2 * w // 5: 3 * w // 5] = 255
+    return rgb
+
+
 def layer_stack():
     """Three layers (backdrop, a red box, a blue label with an alpha ramp) for Load Layers."""
     from atelier import layer_files
@@ -132,6 +156,8 @@ def input_files() -> dict:
         psd = layer_files.write_psd(layer_stack(), Path(tmp) / "layers.psd").read_bytes()
     return {
         "atelier_inpaint_example.png": png(inpaint_example()),
+        "atelier_tryon_person.png": png(tryon_person()),
+        "atelier_tryon_garment.png": png(tryon_garment()),
         "atelier_background.png": png(scene()),
         "atelier_object.png": png(obj),
         "atelier_object_photo.png": png(photo),
