@@ -26,6 +26,7 @@ import logging
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -47,6 +48,28 @@ from benchmarks.bench_flux_fill import make as make_flux  # noqa: E402
 log = logging.getLogger("atelier.bench")
 W, H, STEPS = 768, 1024, 30
 PROMPT = "a person wearing a red cotton t-shirt with a white printed logo"
+
+
+@contextmanager
+def recorded(row: dict, what: str):
+    """Run a benchmark row: a failure is recorded in the row (never raised); models released afterwards."""
+    free_cuda()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - a benchmark records failures as rows
+        log.exception("%s failed", what)
+        row["error"] = f"{type(e).__name__}: {e}"[:500]
+    free_cuda()
+    log.info("%s", json.dumps(row))
+
+
+def timed(row: dict, t0: float, timer: StepTimer | None = None) -> None:
+    torch.cuda.synchronize()
+    row["job_s"] = round(time.perf_counter() - t0, 2)
+    if timer is not None:
+        row.update(timer.stats())
+    row["peak_vram_gib"] = round(torch.cuda.max_memory_allocated() / GiB, 2)
 
 
 def comfy_tree() -> Path:
@@ -119,10 +142,8 @@ def inputs():
 
 
 def sdxl_row(paths: dict, quantization: str, offload: str) -> dict:
-    free_cuda()
-    torch.cuda.reset_peak_memory_stats()
     row: dict = {"stage": "sdxl_tryon", "quantization": quantization, "offload": offload}
-    try:
+    with recorded(row, f"SDXL {quantization}/{offload}"):
         files = tryon.TryOnFiles(layout="diffusers", path=str(paths["folder"]), controlnet=str(paths["controlnet"]),
                                  ip_adapter=str(paths["ip"]), clip_vision=str(paths["clip"]))
         handle = tryon.make_handle(tryon.TryOnSpec(files=files, quantization=quantization, offload=offload,
@@ -139,17 +160,8 @@ def sdxl_row(paths: dict, quantization: str, offload: str) -> dict:
             t1 = time.perf_counter()
             out = tryon.run(model, person, garment, mask, depth=depth, prompt=PROMPT, steps=STEPS, seed=0,
                             loras=handle.loras, progress=timer)
-            torch.cuda.synchronize()
-            if attempt == "timed":
-                row["job_s"] = round(time.perf_counter() - t1, 2)
-                row.update(timer.stats())
-                row["peak_vram_gib"] = round(torch.cuda.max_memory_allocated() / GiB, 2)
-                row["finite"] = bool(torch.isfinite(out).all())
-    except Exception as e:  # noqa: BLE001 - a benchmark records failures as rows
-        log.exception("SDXL %s/%s failed", quantization, offload)
-        row["error"] = f"{type(e).__name__}: {e}"[:500]
-    free_cuda()
-    log.info("%s", json.dumps(row))
+        timed(row, t1, timer)
+        row["finite"] = bool(torch.isfinite(out).all())
     return row
 
 
@@ -158,14 +170,13 @@ def plain_diffusers_row(paths: dict) -> dict:
     from diffusers import ControlNetModel, StableDiffusionXLControlNetInpaintPipeline
     from diffusers.image_processor import IPAdapterMaskProcessor
 
-    free_cuda()
+    from atelier import ip_adapter
+
     row: dict = {"stage": "sdxl_tryon", "quantization": "none", "offload": "plain diffusers"}
-    try:
+    with recorded(row, "plain diffusers"):
         pipe = StableDiffusionXLControlNetInpaintPipeline.from_pretrained(
             paths["folder"], controlnet=ControlNetModel.from_pretrained(paths["controlnet"], torch_dtype=torch.bfloat16),
             torch_dtype=torch.bfloat16, add_watermarker=False)
-        from atelier import ip_adapter
-
         ip_adapter.load_into(pipe, ip_adapter.read(str(paths["ip"])), str(paths["clip"]), torch.bfloat16)
         pipe.load_lora_weights(str(paths["lora"]), adapter_name="l")
         pipe.set_adapters(["l"], [0.8])
@@ -182,16 +193,8 @@ def plain_diffusers_row(paths: dict) -> dict:
                  guidance_scale=7.0, controlnet_conditioning_scale=0.6, ip_adapter_image=tryon._pil(garment[0]),
                  cross_attention_kwargs={"ip_adapter_masks": [ip_mask]}, generator=torch.Generator("cpu").manual_seed(0),
                  output_type="pt")
-            torch.cuda.synchronize()
-            if attempt == "timed":
-                row["job_s"] = round(time.perf_counter() - t1, 2)
-                row["peak_vram_gib"] = round(torch.cuda.max_memory_allocated() / GiB, 2)
+        timed(row, t1)
         del pipe
-    except Exception as e:  # noqa: BLE001
-        log.exception("plain diffusers failed")
-        row["error"] = f"{type(e).__name__}: {e}"[:500]
-    free_cuda()
-    log.info("%s", json.dumps(row))
     return row
 
 
@@ -209,9 +212,8 @@ def make_flux_lora(folder: Path, path: Path) -> Path:
 
 
 def flux_row(folder: Path, lora_path: Path | None, steps: int) -> dict:
-    free_cuda()
     row: dict = {"stage": "flux_tryon", "quantization": "nf4", "offload": "none", "lora": bool(lora_path)}
-    try:
+    with recorded(row, "FLUX try-on"):
         handle = fill.make_handle(FluxFillSpec(files=FluxFillFiles("diffusers", str(folder)), quantization="nf4",
                                                offload="none", device="cuda"))
         if lora_path:
@@ -225,15 +227,7 @@ def flux_row(folder: Path, lora_path: Path | None, steps: int) -> dict:
         t1 = time.perf_counter()
         flux_tryon.run(model, person, garment, mask, PROMPT, steps=steps, height=1024, margin=0.0,
                        loras=handle.loras, progress=timer)
-        torch.cuda.synchronize()
-        row["job_s"] = round(time.perf_counter() - t1, 2)
-        row.update(timer.stats())
-        row["peak_vram_gib"] = round(torch.cuda.max_memory_allocated() / GiB, 2)
-    except Exception as e:  # noqa: BLE001
-        log.exception("FLUX try-on failed")
-        row["error"] = f"{type(e).__name__}: {e}"[:500]
-    free_cuda()
-    log.info("%s", json.dumps(row))
+        timed(row, t1, timer)
     return row
 
 
