@@ -316,6 +316,9 @@ def run(model: TryOnModel, person: torch.Tensor, garment: torch.Tensor, mask: to
         raise InputError("steps of at least 1", str(steps), "Set steps to 30.")
     if not 0.0 < strength <= 1.0:
         raise InputError("strength in (0, 1]", f"{strength:g}", "Use 0.99 to repaint the masked area fully.")
+    if int(steps * strength) < 1:
+        raise InputError("steps × strength of at least 1 (the steps actually run)", f"{steps} × {strength:g}",
+                         "Raise steps or strength.")
     for i in range(mask.shape[0]):
         if not bool((mask[i] > 0).any()):
             raise InputError("a mask that marks where the garment goes (1 = repaint)", f"an empty mask (image {i})",

@@ -236,3 +236,14 @@ def test_base_checkpoint_without_controlnet_or_adapter(world, inputs, clean_regi
     assert h.kind == "sdxl"
     out = tryon.run(get(tryon.STAGE, h), *inputs[:2], inputs[3], depth=inputs[2], composite_back=False, **KW)
     assert out.shape == (1, SIZE, SIZE, 3) and torch.isfinite(out).all()
+
+
+def test_plus_adapter_runs(world, inputs, clean_registry):
+    """IP-Adapter Plus (.safetensors, Resampler) loads through diffusers and steers the result."""
+    h = handle(world, ip="ip_plus")
+    model = get(tryon.STAGE, h)
+    person, garment, depth, mask = inputs
+    a = tryon.run(model, person, garment, mask, depth=depth, composite_back=False, **KW)
+    b = tryon.run(model, person, garment, mask, depth=depth, composite_back=False,
+                  **dict(KW, ip_adapter_scale=0.0))
+    assert torch.isfinite(a).all() and _delta(a, b) > 1e-3

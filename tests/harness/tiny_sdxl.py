@@ -171,9 +171,10 @@ def build_clip_vision(dst_file: Path, folder: Path, seed: int = 2, **overrides):
 
 
 def ip_adapter_state(unet, clip_config, plus: bool = False, tokens: int = 4, seed: int = 3,
-                     resampler: tuple[int, int, int, int] = (32, 2, 16, 2)) -> dict:
+                     resampler: tuple[int, int, int, int] = (32, 1, 64, 4)) -> dict:
     """A random IP-Adapter for ``unet`` in h94's layout: {"image_proj": {...}, "ip_adapter": {...}}.
-    ``resampler`` (plus only): width, heads, head width, depth (h94's SDXL Plus: 1280, 20, 64, 4; 16 tokens)."""
+    ``resampler`` (plus only): width, heads, head width, depth (diffusers assumes 64 and 4; h94's SDXL Plus: 1280, 20,
+    64, 4; 16 tokens)."""
     g = torch.Generator().manual_seed(seed)
 
     def r(*shape):
