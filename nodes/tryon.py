@@ -210,7 +210,7 @@ class AtelierFluxTryOn(io.ComfyNode):
                              tooltip="Same seed, same pixels. Person i of a batch uses seed + i."),
                 Redux.Input("redux", optional=True,
                             tooltip="From FLUX Redux Loader: the garment's image tokens join the prompt."),
-                io.Int.Input("height", default=1024, min=64, max=2048, step=16, optional=True,
+                io.Int.Input("height", default=1024, min=16, max=2048, step=16, optional=True,
                              tooltip="Height of the side-by-side picture FLUX works on (the crop and the "
                                      "garment are scaled to it)."),
                 io.Float.Input("margin", default=0.15, min=0.0, max=1.0, step=0.05, optional=True,
