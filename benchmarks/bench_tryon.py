@@ -1,6 +1,7 @@
 """Try-on benchmark on the GPU: full-size architectures, random weights, one command.
 
     python benchmarks/bench_tryon.py --work /tmp/tryon-bench --json benchmarks/results/tryon_<gpu>.json
+    (--parts sdxl / --parts flux: one half per run, e.g. --json …/tryon_sdxl_<gpu>.json)
 
 Builds once under --work (nothing is downloaded): an SDXL inpainting checkpoint folder (9-channel UNet 2.6 B params,
 both text encoders, VAE; SDXL's configs from atelier/configs/sdxl), a depth ControlNet (SDXL's full config), an
@@ -236,15 +237,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("/tmp/atelier-tryon-bench"), help="where the random models go")
     ap.add_argument("--json", type=Path, required=True)
-    ap.add_argument("--skip-flux", action="store_true")
+    ap.add_argument("--parts", default="sdxl,flux", help="sdxl, flux or both (each fits a 10-minute slot)")
     ap.add_argument("--flux-steps", type=int, default=6)
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
-    paths = make_sdxl(a.work)
-    rows = [plain_diffusers_row(paths)]
-    for quantization, offload in (("none", "none"), ("none", "model"), ("none", "sequential"), ("nf4", "none")):
-        rows.append(sdxl_row(paths, quantization, offload))
-    if not a.skip_flux:
+    parts = set(a.parts.split(","))
+    rows = []
+    if "sdxl" in parts:
+        paths = make_sdxl(a.work)
+        rows.append(plain_diffusers_row(paths))
+        for quantization, offload in (("none", "none"), ("none", "model"), ("none", "sequential"), ("nf4", "none")):
+            rows.append(sdxl_row(paths, quantization, offload))
+    if "flux" in parts:
         flux = a.work / "flux-fill"
         if not (flux / "model_index.json").exists():
             make_flux(flux, comfy_tree())
