@@ -12,7 +12,8 @@ WEB_DIRECTORY = "./web"
 log = logging.getLogger("atelier")
 
 # one module per stage under nodes/; a stage whose optional package is missing is left out with one log line
-STAGES = ("fill", "caption", "mask", "sam2", "placement", "layers", "compose", "pose", "depth", "animate")
+STAGES = ("fill", "caption", "mask", "sam2", "placement", "layers", "compose", "pose", "depth", "animate",
+          "tryon")
 
 try:
     from comfy_api.latest import ComfyExtension, io

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import flux_files, pipelines
+from . import flux_files, lora, pipelines
 from .errors import InputError, ModelFileError
 from .images import check_image, check_mask, composite, match_mask_to_images, pad_to_multiple, to_bchw, to_bhwc
 from .memory import (
@@ -32,6 +32,7 @@ from .types import FluxFillFiles, FluxFillHandle, FluxFillSpec
 log = logging.getLogger("atelier")
 
 T5_MAX_LENGTH = 512
+LORA_BASE = "FLUX.1 (dev / Fill)"
 
 
 # ------------------------------------------------------------------------------------------------ sizes
@@ -164,11 +165,14 @@ def _check_loaded(module: torch.nn.Module, name: str, path: str) -> None:
 
 def inpaint(model: FluxFillModel, image: torch.Tensor, mask: torch.Tensor, prompt: str, *, steps: int = 28,
             guidance: float = 30.0, seed: int = 0, composite_back: bool = True,
-            progress: Progress | None = None) -> torch.Tensor:
+            progress: Progress | None = None, loras: tuple = (), prompt_embeds: torch.Tensor | None = None,
+            pooled_prompt_embeds: torch.Tensor | None = None) -> torch.Tensor:
     """Repaint the masked part of each image. IMAGE BHWC in, IMAGE BHWC out (same size as the input).
 
     Image ``i`` of a batch uses the seed ``seed + i``; an image whose mask is empty is returned untouched without
-    sampling. With ``composite_back`` the pixels where the mask is 0 are exactly the input's.
+    sampling. With ``composite_back`` the pixels where the mask is 0 are exactly the input's. ``loras``: the pipe
+    handle's LoRA list (:mod:`atelier.lora`), applied to the cached pipeline before sampling. ``prompt_embeds`` +
+    ``pooled_prompt_embeds`` (e.g. FLUX Redux's) replace the prompt.
     """
     progress = progress or NullProgress()
     image = check_image(image)
@@ -177,6 +181,8 @@ def inpaint(model: FluxFillModel, image: torch.Tensor, mask: torch.Tensor, promp
         raise InputError("steps of at least 1", str(steps), "Set steps to 28 (FLUX Fill's usual value).")
     if not prompt or not prompt.strip():
         log.info("Atelier: FLUX Fill runs with an empty prompt")
+    if model.pipe is not None:
+        lora.sync(model, tuple(loras), LORA_BASE)
     results = []
     for i in range(image.shape[0]):
         img, msk = image[i : i + 1], mask[i : i + 1]
@@ -185,13 +191,15 @@ def inpaint(model: FluxFillModel, image: torch.Tensor, mask: torch.Tensor, promp
             progress.step(steps)
             results.append(img)
             continue
-        out = _run_one(model, img, msk, prompt, steps, guidance, seed + i, progress)
+        embeds = ({} if prompt_embeds is None else
+                  {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds})
+        out = _run_one(model, img, msk, prompt, steps, guidance, seed + i, progress, embeds)
         results.append(composite(img, out, msk) if composite_back else out)
     return torch.cat(results, dim=0)
 
 
 def _run_one(model: FluxFillModel, image: torch.Tensor, mask: torch.Tensor, prompt: str, steps: int,
-             guidance: float, seed: int, progress: Progress) -> torch.Tensor:
+             guidance: float, seed: int, progress: Progress, embeds: dict | None = None) -> torch.Tensor:
     pipe = model.pipe
     if pipe is None:
         raise released("FLUX Fill pipeline")
@@ -209,7 +217,8 @@ def _run_one(model: FluxFillModel, image: torch.Tensor, mask: torch.Tensor, prom
     try:
         with torch.inference_mode(), cache:
             out = pipe(
-                prompt=prompt, image=to_bchw(img), mask_image=msk.unsqueeze(1), height=h, width=w,
+                prompt=None if embeds else prompt, **(embeds or {}),
+                image=to_bchw(img), mask_image=msk.unsqueeze(1), height=h, width=w,
                 guidance_scale=guidance, num_inference_steps=steps, generator=generator,
                 max_sequence_length=T5_MAX_LENGTH, output_type="pt", callback_on_step_end=on_step,
             ).images
@@ -229,7 +238,7 @@ def summary(handle: FluxFillHandle, model: FluxFillModel | None = None) -> str:
         f"{', attention slicing' if s.attention_slicing else ''}{', VAE slicing' if s.vae_slicing else ''}"
         f"{', VAE tiling' if s.vae_tiling else ''}"
         f"{f', FirstBlockCache {s.first_block_cache:g}' if s.first_block_cache else ''}"
-        f"{', compiled' if s.compile else ''}", model)
+        f"{', compiled' if s.compile else ''}{f'; LoRA {lora.describe(handle.loras)}' if handle.loras else ''}", model)
 
 
 STAGE = Stage(group="flux_fill", make_handle=make_handle, need_bytes=need_bytes, load=load, summary=summary)

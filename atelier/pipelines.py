@@ -92,6 +92,7 @@ class LoadedPipeline:
     footprint: Footprint
     notes: list[str] = field(default_factory=list)
     load_seconds: float = 0.0
+    lora_loaded: dict = field(default_factory=dict)  # adapter name -> atelier.lora.LoraRef now in the pipeline
 
     @property
     def resident_bytes(self) -> int:
@@ -172,9 +173,12 @@ def apply_settings(model: LoadedPipeline) -> None:
     if spec.vae_tiling:
         enable_vae_tiling(pipe.vae)
     if getattr(spec, "attention_slicing", False):
-        from .attention import enable_sliced_attention
+        if callable(getattr(model, "slice_attention", None)):  # a stage with its own way (UNet pipelines)
+            model.slice_attention()
+        else:
+            from .attention import enable_sliced_attention
 
-        enable_sliced_attention(pipe.transformer)
+            enable_sliced_attention(pipe.transformer)
     if spec.first_block_cache > 0:
         from diffusers.hooks import FirstBlockCacheConfig
 
@@ -241,8 +245,14 @@ def apply_offload(model: LoadedPipeline) -> None:
         # 8-bit bitsandbytes layers cannot move with .to(): keep them resident, offload the rest part by part
         keep = [n for n in quantized if getattr(modules[n], "is_loaded_in_8bit", False) or has_8bit(modules[n])]
         if keep:
-            pipe._exclude_from_cpu_offload = list(keep)
             model.notes.append(f"int8 parts stay on the GPU under model offload ({', '.join(keep)})")
+        # parts a stage runs every step beside the big one (the try-on's ControlNet) stay on the GPU too
+        resident = [n for n in getattr(model, "resident_in_model_offload", ()) if n in modules and n not in keep]
+        for name in resident:
+            if name not in quantized:
+                modules[name].to(device)
+        if keep or resident:
+            pipe._exclude_from_cpu_offload = keep + resident
         pipe.enable_model_cpu_offload(device=device)
         return
     if mode == "sequential":

@@ -58,3 +58,4 @@ class FluxFillHandle:
     spec: FluxFillSpec
     offload: str  # resolved mode: none / model / sequential
     dtype: str  # resolved: bf16 / fp16 / fp32
+    loras: tuple = ()  # atelier.lora.LoraRef chained by LoRA nodes; the base pipeline is cached without them

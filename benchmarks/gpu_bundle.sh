@@ -24,7 +24,7 @@ dl() {
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$1" "${@:2}"
 }
 tmp=$(mktemp -d)
-dl "$tmp" diffusers==0.42.1 bitsandbytes==0.50.2 torchsde==0.2.6 trampoline==0.1.2 av==19.0.2 pydantic==2.14.3 \
+dl "$tmp" diffusers==0.42.1 bitsandbytes==0.50.2 peft==0.21.2 torchsde==0.2.6 trampoline==0.1.2 av==19.0.2 pydantic==2.14.3 \
   pydantic-core==2.50.4 pydantic-settings==2.16.3 python-dotenv typing-inspection annotated-types websocket-client
 # bitsandbytes ships libraries for every CUDA/ROCm version (130 MB): keep CUDA 13.0's (the GPU image's torch) and CPU's
 python3 - "$tmp" <<'PY'
