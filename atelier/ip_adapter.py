@@ -124,4 +124,23 @@ def load_into(pipe, state: dict, clip_path: str, dtype: torch.dtype) -> None:
     size = encoder.config.image_size
     # what diffusers' load_ip_adapter creates when the pipeline has no feature extractor
     pipe.register_modules(image_encoder=encoder, feature_extractor=CLIPImageProcessor(size=size, crop_size=size))
-    pipe.load_ip_adapter(state, subfolder="", weight_name="", image_encoder_folder=None)
+    unet = pipe.unet
+    quantized = getattr(unet, "hf_quantizer", None) is not None or getattr(unet, "is_quantized", False)
+    if quantized:
+        # diffusers' _load_ip_adapter_weights ends with unet.to(dtype=unet.dtype), which a bitsandbytes-quantized
+        # UNet refuses; the new adapter modules are cast below instead
+        plain_to = unet.to
+        unet.to = lambda *a, **kw: plain_to(*a, **{k: v for k, v in kw.items() if k != "dtype"})
+    try:
+        pipe.load_ip_adapter(state, subfolder="", weight_name="", image_encoder_folder=None)
+    finally:
+        if quantized:
+            del unet.to
+    # the adapter's image projection (IP-Adapter Plus: a Resampler) and its attention processors in the run dtype:
+    # diffusers leaves them in float32 next to a bf16/fp16 UNet ("mat1 and mat2 must have the same dtype", seen on
+    # an H200 with IP-Adapter Plus)
+    if getattr(unet, "encoder_hid_proj", None) is not None:
+        unet.encoder_hid_proj.to(dtype=dtype)
+    for proc in unet.attn_processors.values():
+        if isinstance(proc, torch.nn.Module):
+            proc.to(dtype=dtype)
