@@ -7,6 +7,7 @@ applying them to a pipeline happens in the stage modules (:mod:`atelier.fill`).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,6 +54,21 @@ def _bnb_config(module: str, bits: int, dtype: torch.dtype):
     return cls(load_in_8bit=True)
 
 
+# fp8 (torchao): transformers/text encoders get fp8 weights with bf16 compute (one pass per job; T5's activations
+# have outliers that per-row fp8 activations would clip), the denoiser gets fp8 weights AND activations (scaled mm).
+def _torchao_config(module: str, dynamic: bool):
+    """torchao's float8 settings as diffusers' or transformers' ``TorchAoConfig``. ``dynamic``: activations are
+    quantized per row too and the matmul runs in float8 (``torch._scaled_mm``); else weight-only float8."""
+    try:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig, PerRow
+    except ImportError as e:
+        raise SettingError("the torchao package for quantization 'fp8'", f"not importable ({e})",
+                           "pip install torchao (into ComfyUI's Python), or choose quantization 'nf4'.") from e
+    ao = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()) if dynamic else Float8WeightOnlyConfig()
+    cls = importlib.import_module(module).TorchAoConfig
+    return cls(ao) if module == "diffusers" else cls(quant_type=ao)
+
+
 @dataclass(frozen=True)
 class QuantMode:
     """One row of the quantization table: everything Atelier needs to know about a weight format.
@@ -60,6 +76,8 @@ class QuantMode:
     ``bytes_factor``: bytes per parameter relative to 16-bit storage (VRAM estimates). ``streams``: its layers can
     be streamed from RAM by offload ``sequential``/``model`` through accelerate's hooks (bitsandbytes' 4-bit
     layers cannot be dispatched by accelerate, see the captioner). ``needs_cuda``: only runs on NVIDIA GPUs.
+    ``min_capability``: the CUDA compute capability its kernels need (None = any). ``package``: the Python package
+    it needs beyond the requirements (checked when a loader resolves its settings).
     ``diffusers`` / ``transformers``: dtype → the library's quantization config for the big parts (None = plain).
     """
 
@@ -70,6 +88,9 @@ class QuantMode:
     tooltip: str
     diffusers: Callable[[torch.dtype], Any] | None = None
     transformers: Callable[[torch.dtype], Any] | None = None
+    min_capability: tuple[int, int] | None = None
+    package: str | None = None
+    dtypes: tuple[torch.dtype, ...] | None = None  # run dtypes its kernels take (None = any)
 
 
 QUANT_MODES: dict[str, QuantMode] = {m.name: m for m in (
@@ -80,6 +101,11 @@ QUANT_MODES: dict[str, QuantMode] = {m.name: m for m in (
     QuantMode("nf4", 0.29, False, True, "nf4 = 4-bit NormalFloat (bitsandbytes)",
               diffusers=lambda d: _bnb_config("diffusers", 4, d),
               transformers=lambda d: _bnb_config("transformers", 4, d)),
+    QuantMode("fp8", 0.52, True, True, "fp8 = float8 weights with float8 matmuls (torchao; RTX 40xx/50xx, "
+                                       "Ada/Hopper/Blackwell GPUs)",
+              diffusers=lambda d: _torchao_config("diffusers", dynamic=True),
+              transformers=lambda d: _torchao_config("transformers", dynamic=False),
+              min_capability=(8, 9), package="torchao", dtypes=(torch.bfloat16,)),
 )}
 """Adding a quantization mode is one row here plus whatever its configs need; combos and tooltips derive from it."""
 
@@ -100,12 +126,41 @@ def quantization_tooltip(applies_to: str) -> str:
     return "; ".join(m.tooltip for m in QUANT_MODES.values()) + f": {applies_to}. {', '.join(gpu)} need an NVIDIA GPU."
 
 
+def cuda_capability(device: str | torch.device) -> tuple[int, int] | None:
+    """The compute capability of a CUDA device, or None where there is no such device to ask."""
+    if not is_cuda(device) or not torch.cuda.is_available():
+        return None
+    return tuple(torch.cuda.get_device_capability(torch.device(device)))
+
+
 def check_quantization(quantization: str, device: str | torch.device) -> None:
     mode = quant_mode(quantization)
+    kernels = f"{mode.package} kernels" if mode.package else "bitsandbytes kernels through diffusers"
     if mode.needs_cuda and not is_cuda(device):
         raise SettingError(
-            f"a CUDA GPU for quantization '{quantization}' (bitsandbytes kernels through diffusers)",
+            f"a CUDA GPU for quantization '{quantization}' ({kernels})",
             f"device '{device}'", "Choose quantization 'none' on this machine, or run ComfyUI on an NVIDIA GPU.")
+    if mode.min_capability is not None:
+        cap = cuda_capability(device)
+        if cap is not None and cap < mode.min_capability:
+            need = ".".join(map(str, mode.min_capability))
+            raise SettingError(
+                f"a GPU with compute capability {need} or newer for quantization '{quantization}' (float8 matmuls: "
+                "RTX 40xx/50xx, L4/L40, H100/H200, B200)",
+                f"compute capability {cap[0]}.{cap[1]} on '{device}'",
+                "Choose quantization 'nf4' (4-bit, about the same VRAM saving on any NVIDIA GPU) or 'none'.")
+    if mode.package and importlib.util.find_spec(mode.package) is None:
+        raise SettingError(f"the {mode.package} package for quantization '{quantization}'", "not installed",
+                           f"pip install {mode.package} (into ComfyUI's Python), or choose quantization 'nf4'.")
+
+
+def check_quant_dtype(quantization: str, dtype: torch.dtype) -> None:
+    """Some weight formats only run in one dtype (torchao's per-row float8 takes bf16 weights)."""
+    mode = quant_mode(quantization)
+    if mode.dtypes is not None and dtype not in mode.dtypes:
+        names = ", ".join(_NAMES[d] for d in mode.dtypes)
+        raise SettingError(f"dtype {names} (or auto) with quantization '{quantization}'", f"dtype {_NAMES[dtype]}",
+                           f"Set dtype to auto or {names}.")
 
 
 def diffusers_quant_config(quantization: str, dtype: torch.dtype):

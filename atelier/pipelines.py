@@ -25,6 +25,7 @@ import torch
 from .errors import SettingError
 from .memory import (
     Footprint,
+    check_quant_dtype,
     check_quantization,
     diffusers_quant_config,
     dtype_name,
@@ -70,6 +71,7 @@ def resolve(spec: Any, sizes: dict[str, int], free_vram: int | None = None) -> t
     """Offload mode, dtype and why, plus the size estimate, for ``spec`` and the 16-bit ``sizes`` of its parts."""
     check_quantization(spec.quantization, spec.device)
     dtype = resolve_dtype(spec.dtype, spec.device)
+    check_quant_dtype(spec.quantization, dtype)
     fp = footprint(sizes, spec.quantization, dtype)
     mode, why = plan_offload(spec.offload, spec.device, fp, free_vram)
     if not 0.0 <= spec.first_block_cache < 1.0:
@@ -164,6 +166,18 @@ def has_8bit(module: torch.nn.Module) -> bool:
     return any(isinstance(m, bnb.nn.Linear8bitLt) for m in module.modules())
 
 
+def has_bnb(module: torch.nn.Module) -> bool:
+    """bitsandbytes layers (4- or 8-bit): diffusers/transformers place them on the GPU while loading. Other
+    quantized modules (torchao float8) load where their weights are read and move like plain ones."""
+    if not is_quantized(module):
+        return False
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return False
+    return any(isinstance(m, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)) for m in module.modules())
+
+
 def apply_settings(model: LoadedPipeline) -> None:
     """The loader's toggles, then the offload mode, then compilation (in that order: hooks before compile)."""
     pipe, spec = model.pipe, model.spec
@@ -231,7 +245,7 @@ def _pin_parameterless_buffers(module: torch.nn.Module, device: torch.device) ->
 def apply_offload(model: LoadedPipeline) -> None:
     pipe, mode, device = model.pipe, model.offload, model.device
     modules = {n: m for n, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
-    quantized = [n for n, m in modules.items() if is_quantized(m)]
+    quantized = [n for n, m in modules.items() if has_bnb(m)]
     if device.type != "cuda" or mode == "none":
         for name, m in modules.items():
             if name not in quantized:  # bitsandbytes modules are placed on the GPU when loaded
