@@ -156,17 +156,21 @@ def load(handle: FluxFillHandle) -> FluxFillModel:
     check_files(spec.files)
     _, dtype, why, fp = resolve(spec, handle.vram_budget)
     return pipelines.build(FluxFillModel, spec, "FLUX.1 Fill", spec.files.path, handle.offload, dtype, why, fp,
-                           lambda: _build_pipeline(spec.files, dtype, spec.quantization), plan=budget_plan(handle))
+                           lambda: _build_pipeline(spec.files, dtype, spec.quantization,
+                                                   spec.device if handle.offload == "none" and is_cuda(spec.device)
+                                                   else None),
+                           plan=budget_plan(handle))
 
 
-def _build_pipeline(files: FluxFillFiles, dtype: torch.dtype, quantization: str):
+def _build_pipeline(files: FluxFillFiles, dtype: torch.dtype, quantization: str, resident_on: str | None = None):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxFillPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
     if files.layout == "diffusers":
         return pipelines.load_diffusers(FluxFillPipeline, files.path, dtype, quantization,
                                         diffusers_parts={"transformer": FluxTransformer2DModel},
-                                        transformers_parts={"text_encoder_2": T5EncoderModel})
+                                        transformers_parts={"text_encoder_2": T5EncoderModel},
+                                        resident_on=resident_on)
     qd = diffusers_quant_config(quantization, dtype)
     qt = transformers_quant_config(quantization, dtype)
 

@@ -24,7 +24,6 @@ import torch
 
 from .errors import SettingError
 from .memory import (
-    ACTIVATION_RESERVE,
     BudgetPlan,
     Footprint,
     PartBlocks,
@@ -33,8 +32,8 @@ from .memory import (
     diffusers_quant_config,
     dtype_name,
     footprint,
-    plan_budget,
     plan_offload,
+    quant_mode,
     resident_vram,
     resolve_dtype,
     transformers_quant_config,
@@ -154,21 +153,26 @@ class LoadedPipeline:
 
 def load_diffusers(pipeline_cls: type, root: str, dtype: torch.dtype, quantization: str,
                    diffusers_parts: dict[str, type] | None = None,
-                   transformers_parts: dict[str, type] | None = None):
-    """``pipeline_cls.from_pretrained(root)`` offline, the named parts loaded first with bitsandbytes settings.
+                   transformers_parts: dict[str, type] | None = None, resident_on: str | None = None):
+    """``pipeline_cls.from_pretrained(root)`` offline, the named parts loaded first with their quantization.
 
     ``diffusers_parts`` (e.g. the transformer) get diffusers' quantization config, ``transformers_parts`` (text
-    encoders) transformers'; with quantization ``none`` they load plainly in ``dtype``.
+    encoders) transformers'; with quantization ``none`` they load plainly in ``dtype``. ``resident_on``: the GPU
+    the quantized parts will live on whole (offload ``none``): torchao parts are then quantized there layer by
+    layer as they load (the GPU peak stays the fp8 size; bitsandbytes places itself on the GPU anyway).
     """
     qd = diffusers_quant_config(quantization, dtype)
     qt = transformers_quant_config(quantization, dtype)
+    extra = {}
+    if resident_on is not None and quant_mode(quantization).package == "torchao":
+        extra["device_map"] = {"": resident_on}
     parts = {}
     for name, cls in (diffusers_parts or {}).items():
         parts[name] = cls.from_pretrained(root, subfolder=name, torch_dtype=dtype, quantization_config=qd,
-                                          local_files_only=True)
+                                          local_files_only=True, **extra)
     for name, cls in (transformers_parts or {}).items():
         parts[name] = cls.from_pretrained(root, subfolder=name, torch_dtype=dtype, quantization_config=qt,
-                                          local_files_only=True)
+                                          local_files_only=True, **extra)
     return pipeline_cls.from_pretrained(root, **parts, torch_dtype=dtype, local_files_only=True)
 
 
