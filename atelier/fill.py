@@ -19,10 +19,18 @@ from . import flux_files, lora, pipelines
 from .errors import InputError, ModelFileError
 from .images import check_image, check_mask, composite, match_mask_to_images, pad_to_multiple, to_bchw, to_bhwc
 from .memory import (
+    ACTIVATION_RESERVE,
+    BudgetPlan,
     Footprint,
+    PartBlocks,
     diffusers_quant_config,
     dtype_name,
+    free_cuda_bytes,
+    is_cuda,
+    plan_budget,
+    quant_mode,
     resident_vram,
+    resolve_dtype,
     transformers_quant_config,
 )
 from .progress import NullProgress, Progress
@@ -53,6 +61,33 @@ def part_sizes(files: FluxFillFiles) -> dict[str, int]:
         "text_encoders": pipelines.bytes16([Path(p) for p in (files.clip_l, files.t5xxl) if p]),
         "vae": pipelines.bytes16([Path(files.vae)] if files.vae else []),
     }
+
+
+# block lists of each part: key prefix in the files → module path, in execution order
+_DIFFUSERS_LISTS = {"transformer_blocks": "transformer_blocks", "single_transformer_blocks": "single_transformer_blocks"}
+_BFL_LISTS = {"double_blocks": "transformer_blocks", "single_blocks": "single_transformer_blocks"}
+_T5_LISTS = {"encoder.block": "encoder.block"}
+_CLIP_LISTS = {"text_model.encoder.layers": "encoder.layers",  # ComfyUI's clip_l files
+               "encoder.layers": "encoder.layers"}  # transformers 5 (4.x nests it in text_model: see submodule)
+
+
+def part_blocks(files: FluxFillFiles, quantization: str, dtype: torch.dtype) -> list[PartBlocks]:
+    """The parts' blocks in run bytes for the budget planner, denoiser first (it runs every step), from headers.
+    Quantized: the transformer and T5 (see :func:`_build_pipeline`); CLIP and the VAE keep the run dtype."""
+    scale = 2.0 if dtype == torch.float32 else 1.0
+    q = quant_mode(quantization).bytes_factor
+    qf = q if q < 1 else scale
+    if files.layout == "diffusers":
+        root = Path(files.path)
+        sub = lambda name: sorted((root / name).glob("*.safetensors"))  # noqa: E731
+        t, t5, clip, vae = sub("transformer"), sub("text_encoder_2"), sub("text_encoder"), sub("vae")
+        tl = _DIFFUSERS_LISTS
+    else:
+        t, tl = [Path(files.path)], _BFL_LISTS
+        t5, clip, vae = ([Path(p)] if p else [] for p in (files.t5xxl, files.clip_l, files.vae))
+    return [pipelines.part_blocks("transformer", t, tl, qf), pipelines.part_blocks("text_encoder_2", t5, _T5_LISTS, qf),
+            pipelines.part_blocks("text_encoder", clip, _CLIP_LISTS, scale),
+            pipelines.part_blocks("vae", vae, {}, scale)]
 
 
 def check_files(files: FluxFillFiles) -> None:
@@ -88,38 +123,55 @@ class FluxFillModel(pipelines.LoadedPipeline):
 
 def resolve(spec: FluxFillSpec, free_vram: int | None = None) -> tuple[str, torch.dtype, str, Footprint]:
     """Offload mode, dtype and why, plus the size estimate, without loading anything."""
-    return pipelines.resolve(spec, part_sizes(spec.files), free_vram)
+    return pipelines.resolve(spec, part_sizes(spec.files), free_vram,
+                             blocks=lambda dtype: part_blocks(spec.files, spec.quantization, dtype))
 
 
 def make_handle(spec: FluxFillSpec, free_vram: int | None = None) -> FluxFillHandle:
     check_files(spec.files)
+    if free_vram is None and spec.offload == "auto" and is_cuda(spec.device):
+        free_vram = free_cuda_bytes(spec.device)
     mode, dtype, _, _ = resolve(spec, free_vram)
-    return FluxFillHandle(spec=spec, offload=mode, dtype=dtype_name(dtype))
+    return FluxFillHandle(spec=spec, offload=mode, dtype=dtype_name(dtype),
+                          vram_budget=free_vram if mode == "budget" else None)
+
+
+def budget_plan(handle: FluxFillHandle) -> BudgetPlan | None:
+    """The blocks kept on the GPU under offload ``budget`` (the plan ``auto`` made for the handle's free VRAM)."""
+    if handle.offload != "budget":
+        return None
+    dtype = resolve_dtype(handle.spec.dtype, handle.spec.device)
+    return plan_budget(part_blocks(handle.spec.files, handle.spec.quantization, dtype), handle.vram_budget or 0,
+                       ACTIVATION_RESERVE)
 
 
 def need_bytes(handle: FluxFillHandle, free_vram: int | None = None) -> int:
     """VRAM to make room for before loading: the weights that stay on the GPU in the resolved offload mode."""
     _, _, _, fp = resolve(handle.spec, free_vram)
-    return resident_vram(handle.offload, fp)
+    return resident_vram(handle.offload, fp, budget_plan(handle))
 
 
 def load(handle: FluxFillHandle) -> FluxFillModel:
     """Build the pipeline ``handle`` describes, in its resolved offload mode."""
     spec = handle.spec
     check_files(spec.files)
-    _, dtype, why, fp = resolve(spec)
+    _, dtype, why, fp = resolve(spec, handle.vram_budget)
     return pipelines.build(FluxFillModel, spec, "FLUX.1 Fill", spec.files.path, handle.offload, dtype, why, fp,
-                           lambda: _build_pipeline(spec.files, dtype, spec.quantization))
+                           lambda: _build_pipeline(spec.files, dtype, spec.quantization,
+                                                   spec.device if handle.offload == "none" and is_cuda(spec.device)
+                                                   else None),
+                           plan=budget_plan(handle))
 
 
-def _build_pipeline(files: FluxFillFiles, dtype: torch.dtype, quantization: str):
+def _build_pipeline(files: FluxFillFiles, dtype: torch.dtype, quantization: str, resident_on: str | None = None):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxFillPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
     if files.layout == "diffusers":
         return pipelines.load_diffusers(FluxFillPipeline, files.path, dtype, quantization,
                                         diffusers_parts={"transformer": FluxTransformer2DModel},
-                                        transformers_parts={"text_encoder_2": T5EncoderModel})
+                                        transformers_parts={"text_encoder_2": T5EncoderModel},
+                                        resident_on=resident_on)
     qd = diffusers_quant_config(quantization, dtype)
     qt = transformers_quant_config(quantization, dtype)
 

@@ -19,6 +19,7 @@ from comfy_api.latest import io
 
 from ..atelier import flux_files, folders
 from ..atelier.errors import ModelFileError
+from ..atelier.memory import free_cuda_bytes
 from ..atelier.registry import REGISTRY
 from ..atelier.stage import Stage
 from ..atelier.types import FluxFillFiles
@@ -154,8 +155,12 @@ def device() -> str:
 
 
 def free_vram() -> int | None:
+    """VRAM Atelier may plan with: ComfyUI's free memory, within torch's per-process cap
+    (``set_per_process_memory_fraction``), less what ``--reserve-vram`` keeps for other programs."""
     dev = mm.get_torch_device()
-    return mm.get_free_memory(dev) if dev.type == "cuda" else None
+    if dev.type != "cuda":
+        return None
+    return max(0, min(mm.get_free_memory(dev), free_cuda_bytes(dev)) - mm.extra_reserved_memory())
 
 
 # --------------------------------------------------------------------------------------------- progress

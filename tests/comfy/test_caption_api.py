@@ -121,7 +121,7 @@ def test_schema_matches_the_public_contract(client, tiny_vlms, broken_vlm):
     assert info["category"] == "atelier/caption" and info["output"] == ["ATELIER_VLM"]
     assert info["input_order"]["required"] == ["model", "quantization", "offload", "dtype"]
     req = info["input"]["required"]
-    assert req["quantization"][1]["options"] == ["none", "int8", "nf4"]
+    assert req["quantization"][1]["options"] == ["none", "int8", "nf4", "fp8"]
     assert req["offload"][1]["options"] == ["auto", "none", "model"]
     assert req["dtype"][1]["options"] == ["auto", "bf16", "fp16", "fp32"]
     models = req["model"][1]["options"]

@@ -106,7 +106,7 @@ def test_schema_matches_the_public_contract(client, tiny_flux):
     assert info["input_order"]["required"] == ["model", "quantization", "offload", "attention_slicing",
                                                "vae_slicing", "vae_tiling", "first_block_cache", "dtype"]
     req = info["input"]["required"]
-    assert req["quantization"][1]["options"] == ["none", "int8", "nf4"]
+    assert req["quantization"][1]["options"] == ["none", "int8", "nf4", "fp8"]
     assert req["offload"][1]["options"] == ["auto", "none", "model", "sequential"]
     assert req["dtype"][1]["options"] == ["auto", "bf16", "fp16", "fp32"]
     models = req["model"][1]["options"]
@@ -203,7 +203,7 @@ def test_attention_slicing_gives_the_same_pixels(client, tiny_flux, example):
     assert np.abs(plain.astype(int) - sliced.astype(int)).max() <= 1
 
 
-@pytest.mark.parametrize("quantization", ["int8", "nf4"])
+@pytest.mark.parametrize("quantization", ["int8", "nf4", "fp8"])
 def test_quantization_on_cpu_is_a_clear_error(client, tiny_flux, example, comfy_server, quantization):
     name, _, _ = example
     msg = run_error(client, inpaint_prompt(tiny_flux["choice_diffusers"], name, steps=2,
