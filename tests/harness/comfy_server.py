@@ -66,6 +66,22 @@ def comfy_root() -> Path:
     return root
 
 
+def import_comfy(module: str):
+    """A module of ComfyUI's own `comfy` package (e.g. "comfy.utils") imported in this process from the tree of
+    :func:`comfy_root`, without putting the tree on sys.path (where its top-level `nodes`, `utils`, `app`, ...
+    would shadow other modules of those names)."""
+    import importlib
+    import importlib.machinery
+    import importlib.util
+
+    if "comfy" not in sys.modules:
+        spec = importlib.machinery.PathFinder.find_spec("comfy", [str(comfy_root())])
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["comfy"] = package
+        spec.loader.exec_module(package)
+    return importlib.import_module(module)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
