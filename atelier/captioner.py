@@ -39,10 +39,12 @@ from .memory import (
     is_cuda,
     plan_offload,
     resident_vram,
+    quant_mode,
     resolve_dtype,
     transformers_quant_config,
 )
 from .progress import NullProgress, Progress
+from .stage import Stage, released, with_notes
 
 log = logging.getLogger("atelier")
 
@@ -255,7 +257,7 @@ def resolve(spec: VLMSpec, free_vram: int | None = None):
     mode, why = plan_offload(spec.offload, spec.device, fp, free_vram)
     if mode == "sequential":  # our "model" mode already spills whatever does not fit into RAM
         mode = "model"
-    if mode == "model" and spec.quantization == "nf4":
+    if mode == "model" and not quant_mode(spec.quantization).streams:
         mode, why = "none", NF4_NOT_OFFLOADED
     return mode, dtype, why, fp
 
@@ -278,10 +280,10 @@ def need_bytes(handle: VLMHandle, free_vram: int | None = None) -> int:
     return resident_vram(handle.offload, fp)
 
 
-def handle_summary(handle: VLMHandle) -> str:
+def summary(handle: VLMHandle, model: VLMModel | None = None) -> str:
     s = handle.spec
-    return (f"{Path(s.path).name} ({handle.family}): {handle.dtype}, quantization {s.quantization}, "
-            f"offload {handle.offload}")
+    return with_notes(f"{Path(s.path).name} ({handle.family}): {handle.dtype}, quantization {s.quantization}, "
+                      f"offload {handle.offload}", model)
 
 
 # ------------------------------------------------------------------------------------------------ the model
@@ -336,20 +338,20 @@ def _dtype_kwarg() -> str:
     return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
 
 
-def load(spec: VLMSpec, offload: str | None = None, max_gpu_bytes: int | None = None) -> VLMModel:
-    """Build the model and its processor. ``max_gpu_bytes`` caps the GPU share under offload ``model`` (default:
-    the free VRAM less a reserve for activations)."""
+def load(handle: VLMHandle, max_gpu_bytes: int | None = None) -> VLMModel:
+    """Build the model and its processor in the handle's resolved offload mode. ``max_gpu_bytes`` caps the GPU
+    share under offload ``model`` (default: the free VRAM less a reserve for activations)."""
     import transformers
 
+    spec = handle.spec
     mt = check_folder(spec.path)
-    mode, dtype, why, fp = resolve(spec)
-    if offload is not None:
-        mode = offload
+    _, dtype, why, fp = resolve(spec)
+    mode = handle.offload
     device = torch.device(spec.device)
     if not is_cuda(device):
         mode = "none"
     notes: list[str] = []
-    if mode == "model" and spec.quantization == "nf4":
+    if mode == "model" and not quant_mode(spec.quantization).streams:
         mode, why = "none", NF4_NOT_OFFLOADED
     if why == NF4_NOT_OFFLOADED:
         notes.append(why)
@@ -394,6 +396,9 @@ def load(spec: VLMSpec, offload: str | None = None, max_gpu_bytes: int | None = 
     vlm.load_seconds = time.perf_counter() - t0
     log.info("Atelier: %s ready in %.1f s%s", family, vlm.load_seconds, "".join(f"; {n}" for n in notes))
     return vlm
+
+
+STAGE = Stage(group="vlm", make_handle=make_handle, need_bytes=need_bytes, load=load, summary=summary)
 
 
 def _placement_note(model: Any) -> str:
@@ -585,7 +590,7 @@ def generate(vlm: VLMModel, pil_image: Any, task: str, *, language: str = "en", 
              progress: Progress | None = None) -> tuple[str, int]:
     """Decoded reply and the number of generated tokens, for one PIL image."""
     if vlm.model is None:
-        raise SettingError("a loaded VLM", "one that was released", "Queue the prompt again.")
+        raise released("VLM")
     if max_new_tokens < 1:
         raise InputError("max_new_tokens of at least 1", str(max_new_tokens), "Set max_new_tokens to 512.")
     if temperature < 0:

@@ -1,6 +1,6 @@
 """FLUX.1 Fill: build a pipeline from either on-disk layout with the chosen memory settings, and inpaint with it.
 
-``load(spec)`` builds a :class:`FluxFillModel`; ``inpaint(model, image, mask, ...)`` runs it. Both are plain
+``load(handle)`` builds a :class:`FluxFillModel`; ``inpaint(model, image, mask, ...)`` runs it. Both are plain
 functions over torch tensors in ComfyUI's conventions (IMAGE BHWC, MASK BHW, 1 = repaint) so they are tested
 without ComfyUI and reproduce plain diffusers: the same weights, inputs and seed give the same pixels.
 """
@@ -16,17 +16,17 @@ from pathlib import Path
 import torch
 
 from . import flux_files, pipelines
-from .errors import InputError, ModelFileError, SettingError
+from .errors import InputError, ModelFileError
 from .images import check_image, check_mask, composite, match_mask_to_images, pad_to_multiple, to_bchw, to_bhwc
 from .memory import (
     Footprint,
     diffusers_quant_config,
     dtype_name,
-    resident_vram,  # noqa: F401 - part of this module's interface (the bridge reads fill.resident_vram)
+    resident_vram,
     transformers_quant_config,
 )
 from .progress import NullProgress, Progress
-from .registry import REGISTRY
+from .stage import Stage, released, with_notes
 from .types import FluxFillFiles, FluxFillHandle, FluxFillSpec
 
 log = logging.getLogger("atelier")
@@ -96,16 +96,18 @@ def make_handle(spec: FluxFillSpec, free_vram: int | None = None) -> FluxFillHan
     return FluxFillHandle(spec=spec, offload=mode, dtype=dtype_name(dtype))
 
 
-def get_model(handle: FluxFillHandle) -> FluxFillModel:
-    """The loaded pipeline for ``handle`` (built now if it was never loaded or was released)."""
-    return REGISTRY.get_or_build(handle.spec, lambda: load(handle.spec, offload=handle.offload), group="flux_fill")
+def need_bytes(handle: FluxFillHandle, free_vram: int | None = None) -> int:
+    """VRAM to make room for before loading: the weights that stay on the GPU in the resolved offload mode."""
+    _, _, _, fp = resolve(handle.spec, free_vram)
+    return resident_vram(handle.offload, fp)
 
 
-def load(spec: FluxFillSpec, offload: str | None = None) -> FluxFillModel:
+def load(handle: FluxFillHandle) -> FluxFillModel:
+    """Build the pipeline ``handle`` describes, in its resolved offload mode."""
+    spec = handle.spec
     check_files(spec.files)
-    mode, dtype, why, fp = resolve(spec)
-    mode = mode if offload is None else offload
-    return pipelines.build(FluxFillModel, spec, "FLUX.1 Fill", spec.files.path, mode, dtype, why, fp,
+    _, dtype, why, fp = resolve(spec)
+    return pipelines.build(FluxFillModel, spec, "FLUX.1 Fill", spec.files.path, handle.offload, dtype, why, fp,
                            lambda: _build_pipeline(spec.files, dtype, spec.quantization))
 
 
@@ -192,7 +194,7 @@ def _run_one(model: FluxFillModel, image: torch.Tensor, mask: torch.Tensor, prom
              guidance: float, seed: int, progress: Progress) -> torch.Tensor:
     pipe = model.pipe
     if pipe is None:
-        raise SettingError("a loaded FLUX Fill pipeline", "one that was released", "Queue the prompt again.")
+        raise released("FLUX Fill pipeline")
     img, msk, pad = pad_to_multiple(image, mask, model.multiple)
     h, w = img.shape[1], img.shape[2]
 
@@ -220,10 +222,14 @@ def _run_one(model: FluxFillModel, image: torch.Tensor, mask: torch.Tensor, prom
 # ------------------------------------------------------------------------------------------------- helpers
 
 
-def handle_summary(handle: FluxFillHandle) -> str:
+def summary(handle: FluxFillHandle, model: FluxFillModel | None = None) -> str:
     s = handle.spec
-    return (f"{Path(s.files.path).name}: {handle.dtype}, quantization {s.quantization}, offload {handle.offload}"
-            f"{', attention slicing' if s.attention_slicing else ''}{', VAE slicing' if s.vae_slicing else ''}"
-            f"{', VAE tiling' if s.vae_tiling else ''}"
-            f"{f', FirstBlockCache {s.first_block_cache:g}' if s.first_block_cache else ''}"
-            f"{', compiled' if s.compile else ''}")
+    return with_notes(
+        f"{Path(s.files.path).name}: {handle.dtype}, quantization {s.quantization}, offload {handle.offload}"
+        f"{', attention slicing' if s.attention_slicing else ''}{', VAE slicing' if s.vae_slicing else ''}"
+        f"{', VAE tiling' if s.vae_tiling else ''}"
+        f"{f', FirstBlockCache {s.first_block_cache:g}' if s.first_block_cache else ''}"
+        f"{', compiled' if s.compile else ''}", model)
+
+
+STAGE = Stage(group="flux_fill", make_handle=make_handle, need_bytes=need_bytes, load=load, summary=summary)

@@ -1,6 +1,6 @@
 """Qwen-Image-Layered: split a picture into RGBA layers with diffusers' ``QwenImageLayeredPipeline``.
 
-``load(spec)`` builds a :class:`LayeredModel` with the same memory machinery as FLUX Fill
+``load(handle)`` builds a :class:`LayeredModel` with the same memory machinery as FLUX Fill
 (:mod:`atelier.pipelines`); ``split(model, image, ...)`` runs it and returns straight-alpha layers in ComfyUI's
 conventions (IMAGE BHWC, MASK BHW with 1 = opaque), plus their flattened composite and the prompt used.
 
@@ -27,9 +27,9 @@ import torch
 from . import folders, pipelines
 from .errors import InputError, SettingError
 from .images import check_image, check_mask
-from .memory import Footprint, dtype_name
+from .memory import Footprint, dtype_name, resident_vram
 from .progress import NullProgress, Progress
-from .registry import REGISTRY
+from .stage import Stage, released, with_notes
 
 log = logging.getLogger("atelier")
 
@@ -134,15 +134,18 @@ def make_handle(spec: LayeredSpec, free_vram: int | None = None) -> LayeredHandl
     return LayeredHandle(spec=spec, offload=mode, dtype=dtype_name(dtype))
 
 
-def get_model(handle: LayeredHandle) -> LayeredModel:
-    """The loaded pipeline for ``handle`` (built now if it was never loaded or was released)."""
-    return REGISTRY.get_or_build(handle.spec, lambda: load(handle.spec, offload=handle.offload), group="layered")
+def need_bytes(handle: LayeredHandle, free_vram: int | None = None) -> int:
+    """VRAM to make room for before loading: the weights that stay on the GPU in the resolved offload mode."""
+    _, _, _, fp = resolve(handle.spec, free_vram)
+    return resident_vram(handle.offload, fp)
 
 
-def load(spec: LayeredSpec, offload: str | None = None) -> LayeredModel:
+def load(handle: LayeredHandle) -> LayeredModel:
+    """Build the pipeline ``handle`` describes, in its resolved offload mode."""
+    spec = handle.spec
     check_folder(spec.path)
     pipeline_cls = _pipeline_cls()
-    mode, dtype, why, fp = resolve(spec)
+    _, dtype, why, fp = resolve(spec)
 
     def build():
         from diffusers import QwenImageTransformer2DModel
@@ -152,15 +155,17 @@ def load(spec: LayeredSpec, offload: str | None = None) -> LayeredModel:
                                         diffusers_parts={"transformer": QwenImageTransformer2DModel},
                                         transformers_parts={"text_encoder": Qwen2_5_VLForConditionalGeneration})
 
-    return pipelines.build(LayeredModel, spec, "Qwen-Image-Layered", spec.path,
-                           mode if offload is None else offload, dtype, why, fp, build)
+    return pipelines.build(LayeredModel, spec, "Qwen-Image-Layered", spec.path, handle.offload, dtype, why, fp, build)
 
 
-def handle_summary(handle: LayeredHandle) -> str:
+def summary(handle: LayeredHandle, model: LayeredModel | None = None) -> str:
     s = handle.spec
-    return (f"{Path(s.path).name}: {handle.dtype}, quantization {s.quantization}, offload {handle.offload}"
-            f"{', VAE slicing' if s.vae_slicing else ''}{', VAE tiling' if s.vae_tiling else ''}"
-            f"{f', FirstBlockCache {s.first_block_cache:g}' if s.first_block_cache else ''}")
+    return with_notes(f"{Path(s.path).name}: {handle.dtype}, quantization {s.quantization}, offload {handle.offload}"
+                      f"{', VAE slicing' if s.vae_slicing else ''}{', VAE tiling' if s.vae_tiling else ''}"
+                      f"{f', FirstBlockCache {s.first_block_cache:g}' if s.first_block_cache else ''}", model)
+
+
+STAGE = Stage(group="layered", make_handle=make_handle, need_bytes=need_bytes, load=load, summary=summary)
 
 
 # ------------------------------------------------------------------------------------------------- split
@@ -204,7 +209,7 @@ def split(model: LayeredModel, image: torch.Tensor, *, layers: int = 4, resoluti
         raise InputError("language en or zh", repr(language), "Pick one of the listed values.")
     pipe = model.pipe
     if pipe is None:
-        raise SettingError("a loaded Qwen-Image-Layered pipeline", "one that was released", "Queue the prompt again.")
+        raise released("Qwen-Image-Layered pipeline")
     least = min_steps(pipe)
     if steps < least:
         raise InputError(f"steps of at least {least}", str(steps),

@@ -33,6 +33,7 @@ from .errors import AtelierError, InputError, ModelFileError, SettingError
 from .images import check_image, to_bchw
 from .memory import GiB, dtype_name, is_cuda, resolve_dtype
 from .progress import NullProgress, Progress
+from .stage import Stage, released, with_notes
 
 log = logging.getLogger("atelier")
 
@@ -153,13 +154,11 @@ class BgRemoverSpec:
 
 @dataclass(frozen=True)
 class BgRemoverHandle:
-    """What the loader node outputs (ATELIER_BG_REMOVER): the spec and what loading it found."""
+    """What the loader node outputs (ATELIER_BG_REMOVER): the spec and the backend its file needs. What kind of
+    model it is (family, input size) is read from the file when it is loaded (:class:`BgRemoverModel`)."""
 
     spec: BgRemoverSpec
-    family: str
     backend: str  # onnxruntime / torch
-    resolution: int  # the model's default input side
-    fixed: bool  # the input side cannot change (fixed in the ONNX graph)
 
 
 def file_stamp(path: str) -> tuple[int, int]:
@@ -190,26 +189,29 @@ def check_file(path: str) -> None:
                              "Use an .onnx model of the rembg family or a BiRefNet / RMBG-2.0 .safetensors file.")
 
 
-def handle_for(model: BgRemoverModel) -> BgRemoverHandle:
-    return BgRemoverHandle(spec=model.spec, family=model.family.key, backend=model.backend,
-                           resolution=model.resolution, fixed=model.fixed_size is not None)
+def make_handle(spec: BgRemoverSpec, free_vram: int | None = None) -> BgRemoverHandle:
+    """Check the file and pick the backend its format needs; nothing is loaded."""
+    check_file(spec.path)
+    onnx = Path(spec.path).suffix.lower() in ONNX_EXTENSIONS
+    return BgRemoverHandle(spec=spec, backend="onnxruntime" if onnx else "torch")
 
 
-def handle_summary(handle: BgRemoverHandle, notes: list[str] | None = None) -> str:
-    fam = FAMILIES[handle.family]
-    size = f"{handle.resolution}×{handle.resolution}" + (" (fixed)" if handle.fixed else " (default)")
-    return (f"{Path(handle.spec.path).name}: {fam.label} via {handle.backend}, input {size}"
-            + "".join(f"\n{n}" for n in notes or []))
-
-
-def vram_estimate(spec: BgRemoverSpec) -> int:
+def need_bytes(handle: BgRemoverHandle, free_vram: int | None = None) -> int:
     """Bytes to free on the GPU before loading (weights + 1024² activations); 0 when it will run on the CPU."""
+    spec = handle.spec
     if not is_cuda(spec.device):
         return 0
-    size = file_stamp(spec.path)[0]
-    if Path(spec.path).suffix.lower() in ONNX_EXTENSIONS and not _onnx_cuda_available():
+    if handle.backend == "onnxruntime" and not _onnx_cuda_available():
         return 0
-    return size + int(1.5 * GiB)
+    return file_stamp(spec.path)[0] + int(1.5 * GiB)
+
+
+def summary(handle: BgRemoverHandle, model: BgRemoverModel | None = None) -> str:
+    name = Path(handle.spec.path).name
+    if model is None:
+        return f"{name}: via {handle.backend}"
+    size = f"{model.resolution}×{model.resolution}" + (" (fixed)" if model.fixed_size is not None else " (default)")
+    return with_notes(f"{name}: {model.family.label} via {model.backend}, input {size}", model)
 
 
 # ---------------------------------------------------------------------------------------------- the models
@@ -265,10 +267,11 @@ class BgRemoverModel(abc.ABC):
         """Drop the session / module so its memory can go."""
 
 
-def load(spec: BgRemoverSpec) -> BgRemoverModel:
+def load(handle: BgRemoverHandle) -> BgRemoverModel:
+    spec = handle.spec
     check_file(spec.path)
     t0 = time.perf_counter()
-    if Path(spec.path).suffix.lower() in ONNX_EXTENSIONS:
+    if handle.backend == "onnxruntime":
         model: BgRemoverModel = _load_onnx(spec)
     else:
         model = _load_torch(spec)
@@ -277,6 +280,9 @@ def load(spec: BgRemoverSpec) -> BgRemoverModel:
              model.load_seconds, model.name, model.family.label, model.backend, model.run_device, model.resolution,
              " (fixed)" if model.fixed_size else "", "".join(f"; {n}" for n in model.notes))
     return model
+
+
+STAGE = Stage(group="bg_remover", make_handle=make_handle, need_bytes=need_bytes, load=load, summary=summary)
 
 
 # ------------------------------------------------------------------------------------------------- ONNX
@@ -306,7 +312,7 @@ class OnnxRemover(BgRemoverModel):
 
     def predict(self, image: torch.Tensor, resolution: int) -> torch.Tensor:
         if self.session is None:
-            raise SettingError("a loaded background remover", "one that was released", "Queue the prompt again.")
+            raise released("background remover")
         rgb = to_uint8(image)
         x = rembg_input(rgb, resolution, self.family.mean, self.family.std)
         out = self.session.run([self.output_name], {self.input_name: x})[0]
@@ -475,7 +481,7 @@ class TorchRemover(BgRemoverModel):
 
     def predict(self, image: torch.Tensor, resolution: int) -> torch.Tensor:
         if self.module is None:
-            raise SettingError("a loaded background remover", "one that was released", "Queue the prompt again.")
+            raise released("background remover")
         return birefnet_alpha(self.module, image, resolution, self.run_device, self.dtype)
 
     def close(self) -> None:

@@ -6,8 +6,11 @@ applying them to a pipeline happens in the stage modules (:mod:`atelier.fill`).
 
 from __future__ import annotations
 
+import importlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -42,39 +45,79 @@ def dtype_name(dtype: torch.dtype) -> str:
     return _NAMES[dtype]
 
 
+def _bnb_config(module: str, bits: int, dtype: torch.dtype):
+    """bitsandbytes settings as diffusers' or transformers' ``BitsAndBytesConfig`` (``module``: which library)."""
+    cls = importlib.import_module(module).BitsAndBytesConfig
+    if bits == 4:
+        return cls(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    return cls(load_in_8bit=True)
+
+
+@dataclass(frozen=True)
+class QuantMode:
+    """One row of the quantization table: everything Atelier needs to know about a weight format.
+
+    ``bytes_factor``: bytes per parameter relative to 16-bit storage (VRAM estimates). ``streams``: its layers can
+    be streamed from RAM by offload ``sequential``/``model`` through accelerate's hooks (bitsandbytes' 4-bit
+    layers cannot be dispatched by accelerate, see the captioner). ``needs_cuda``: only runs on NVIDIA GPUs.
+    ``diffusers`` / ``transformers``: dtype → the library's quantization config for the big parts (None = plain).
+    """
+
+    name: str
+    bytes_factor: float
+    streams: bool
+    needs_cuda: bool
+    tooltip: str
+    diffusers: Callable[[torch.dtype], Any] | None = None
+    transformers: Callable[[torch.dtype], Any] | None = None
+
+
+QUANT_MODES: dict[str, QuantMode] = {m.name: m for m in (
+    QuantMode("none", 1.0, True, False, "none = bf16/fp16 weights"),
+    QuantMode("int8", 0.52, True, True, "int8 = LLM.int8 (bitsandbytes)",
+              diffusers=lambda d: _bnb_config("diffusers", 8, d),
+              transformers=lambda d: _bnb_config("transformers", 8, d)),
+    QuantMode("nf4", 0.29, False, True, "nf4 = 4-bit NormalFloat (bitsandbytes)",
+              diffusers=lambda d: _bnb_config("diffusers", 4, d),
+              transformers=lambda d: _bnb_config("transformers", 4, d)),
+)}
+"""Adding a quantization mode is one row here plus whatever its configs need; combos and tooltips derive from it."""
+
+QUANTIZATIONS: tuple[str, ...] = tuple(QUANT_MODES)
+
+
+def quant_mode(quantization: str) -> QuantMode:
+    mode = QUANT_MODES.get(quantization)
+    if mode is None:
+        raise SettingError(f"quantization one of {', '.join(QUANT_MODES)}", repr(quantization),
+                           "Pick one of the listed values.")
+    return mode
+
+
+def quantization_tooltip(applies_to: str) -> str:
+    """The loaders' quantization tooltip, from the table: ``applies_to`` says which parts are quantized."""
+    gpu = [m.name for m in QUANT_MODES.values() if m.needs_cuda]
+    return "; ".join(m.tooltip for m in QUANT_MODES.values()) + f": {applies_to}. {', '.join(gpu)} need an NVIDIA GPU."
+
+
 def check_quantization(quantization: str, device: str | torch.device) -> None:
-    if quantization not in ("none", "int8", "nf4"):
-        raise SettingError("quantization one of none, int8, nf4", repr(quantization), "Pick one of the listed values.")
-    if quantization != "none" and not is_cuda(device):
+    mode = quant_mode(quantization)
+    if mode.needs_cuda and not is_cuda(device):
         raise SettingError(
             f"a CUDA GPU for quantization '{quantization}' (bitsandbytes kernels through diffusers)",
             f"device '{device}'", "Choose quantization 'none' on this machine, or run ComfyUI on an NVIDIA GPU.")
 
 
 def diffusers_quant_config(quantization: str, dtype: torch.dtype):
-    """diffusers' BitsAndBytesConfig for the transformer, or None."""
-    if quantization == "none":
-        return None
-    from diffusers import BitsAndBytesConfig
-
-    if quantization == "nf4":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-    return BitsAndBytesConfig(load_in_8bit=True)
+    """diffusers' quantization config for the transformer, or None."""
+    make = quant_mode(quantization).diffusers
+    return make(dtype) if make else None
 
 
 def transformers_quant_config(quantization: str, dtype: torch.dtype):
-    """transformers' BitsAndBytesConfig for the T5 text encoder (the second biggest part), or None."""
-    if quantization == "none":
-        return None
-    from transformers import BitsAndBytesConfig
-
-    if quantization == "nf4":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-    return BitsAndBytesConfig(load_in_8bit=True)
-
-
-# bytes per parameter relative to bf16 storage, for the VRAM estimate of each quantization
-_QUANT_FACTOR = {"none": 1.0, "int8": 0.52, "nf4": 0.29}
+    """transformers' quantization config for text encoders / VLMs, or None."""
+    make = quant_mode(quantization).transformers
+    return make(dtype) if make else None
 
 
 @dataclass(frozen=True)
@@ -97,7 +140,7 @@ class Footprint:
 def footprint(param_bytes_bf16: dict[str, int], quantization: str, dtype: torch.dtype) -> Footprint:
     """``param_bytes_bf16``: bytes of each part if stored in 16 bit (transformer, text_encoders, vae)."""
     scale = 2.0 if dtype == torch.float32 else 1.0
-    q = _QUANT_FACTOR[quantization]
+    q = quant_mode(quantization).bytes_factor
     return Footprint(
         transformer=int(param_bytes_bf16.get("transformer", 0) * (q if q < 1 else scale)),
         text_encoders=int(param_bytes_bf16.get("text_encoders", 0) * (q if q < 1 else scale)),

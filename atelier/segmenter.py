@@ -32,7 +32,7 @@ from .errors import InputError, ModelFileError
 from .images import check_image
 from .memory import dtype_name, is_cuda, resolve_dtype
 from .progress import NullProgress, Progress
-from .registry import REGISTRY
+from .stage import Stage, released, with_notes
 
 # the package this stage needs: a missing one surfaces here, at import, as ModuleNotFoundError naming the package
 # to install (sam2's own dependencies by their pip names: sam2 installed with --no-deps lacks them)
@@ -223,11 +223,6 @@ class SAM2Handle:
     dtype: str  # resolved: bf16 / fp16 / fp32
     weight_bytes: int  # parameters in the run dtype
 
-    @property
-    def need_bytes(self) -> int:
-        """VRAM to make room for: the weights and the activations of one 1024² image."""
-        return self.weight_bytes + (768 << 20 if self.arch.size == "large" else 512 << 20)
-
 
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
@@ -239,8 +234,9 @@ def weight_dtype(dtype: torch.dtype, device: str | torch.device) -> torch.dtype:
     return dtype if is_cuda(device) else torch.float32
 
 
-def make_handle(spec: SAM2Spec) -> SAM2Handle:
-    """Recognise the checkpoint and resolve the dtype without building the model."""
+def make_handle(spec: SAM2Spec, free_vram: int | None = None) -> SAM2Handle:
+    """Recognise the checkpoint and resolve the dtype without building the model (``free_vram``: unused, SAM2
+    always runs on its device)."""
     shapes = read_shapes(spec.path)
     arch = recognise(shapes, f"'{Path(spec.path).name}'")
     dtype = resolve_dtype(spec.dtype, spec.device)
@@ -249,8 +245,14 @@ def make_handle(spec: SAM2Spec) -> SAM2Handle:
                       weight_bytes=n * _itemsize(weight_dtype(dtype, spec.device)))
 
 
-def handle_summary(handle: SAM2Handle) -> str:
-    return f"{Path(handle.spec.path).name}: {handle.arch.label}, {handle.dtype}, {handle.spec.device}"
+def need_bytes(handle: SAM2Handle, free_vram: int | None = None) -> int:
+    """VRAM to make room for: the weights and the activations of one 1024² image."""
+    return handle.weight_bytes + (768 << 20 if handle.arch.size == "large" else 512 << 20)
+
+
+def summary(handle: SAM2Handle, model: SAM2Model | None = None) -> str:
+    return with_notes(f"{Path(handle.spec.path).name}: {handle.arch.label}, {handle.dtype}, {handle.spec.device}",
+                      model)
 
 
 # ---------------------------------------------------------------------------------------------- the model
@@ -266,6 +268,7 @@ class SAM2Model:
     dtype: torch.dtype
     device: torch.device
     load_seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
     _embedded: tuple | None = field(default=None, repr=False)  # key of the image the predictor holds
 
     @property
@@ -339,9 +342,7 @@ def load(handle: SAM2Handle) -> SAM2Model:
     return model
 
 
-def get_model(handle: SAM2Handle) -> SAM2Model:
-    """The loaded model for ``handle`` from the registry (built if missing); scripts and engine tests."""
-    return REGISTRY.get_or_build(handle.spec, lambda: load(handle), group="sam2")
+STAGE = Stage(group="sam2", make_handle=make_handle, need_bytes=need_bytes, load=load, summary=summary)
 
 
 # ------------------------------------------------------------------------------------------------ prompts
@@ -494,7 +495,7 @@ def set_image(model: SAM2Model, image_hwc: np.ndarray) -> None:
     """Embed one image (HWC float32 in [0, 1]); kept until another image is set, so re-running the same image
     with other prompts skips the image encoder."""
     if model.predictor is None:
-        raise ModelFileError("a loaded SAM2 model", "one that was released", "Queue the prompt again.")
+        raise released("SAM2 model")
     key = _image_key(image_hwc)
     if model._embedded == key:
         return

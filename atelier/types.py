@@ -10,11 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Quantization = Literal["none", "int8", "nf4"]
 Offload = Literal["auto", "none", "model", "sequential"]
 DType = Literal["auto", "bf16", "fp16", "fp32"]
 
-QUANTIZATIONS: tuple[str, ...] = ("none", "int8", "nf4")
 OFFLOADS: tuple[str, ...] = ("auto", "none", "model", "sequential")
 DTYPES: tuple[str, ...] = ("auto", "bf16", "fp16", "fp32")
 

@@ -28,7 +28,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from atelier import fill  # noqa: E402
+from atelier import fill, stage  # noqa: E402
 from atelier.registry import REGISTRY  # noqa: E402
 from atelier.types import FluxFillFiles, FluxFillSpec  # noqa: E402
 
@@ -124,7 +124,7 @@ def run_one(model_dir: Path, quantization: str, offload: str, steps: int, size: 
     try:
         t0 = time.perf_counter()
         handle = fill.make_handle(spec)
-        model = fill.get_model(handle)
+        model = stage.get(fill.STAGE, handle)
         torch.cuda.synchronize()
         row["load_s"] = round(time.perf_counter() - t0, 2)
         row["resolved_offload"] = model.offload

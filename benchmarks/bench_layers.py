@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_flux_fill import StepTimer, _randomise, environment, free_cuda  # noqa: E402 - shared benchmark helpers
 
-from atelier import layers  # noqa: E402
+from atelier import layers, stage  # noqa: E402
 from tests.harness.tiny_layered import CHAT_TEMPLATE  # noqa: E402 - Qwen2-VL's multimodal chat template
 
 log = logging.getLogger("atelier.bench")
@@ -150,7 +150,7 @@ def run_one(model_dir: Path, quantization: str, offload: str, steps: int, resolu
     try:
         t0 = time.perf_counter()
         handle = layers.make_handle(spec)
-        model = layers.get_model(handle)
+        model = stage.get(layers.STAGE, handle)
         torch.cuda.synchronize()
         row["load_s"] = round(time.perf_counter() - t0, 2)
         row["resolved_offload"] = model.offload

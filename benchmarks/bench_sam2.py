@@ -28,7 +28,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from atelier import segmenter  # noqa: E402
+from atelier import segmenter, stage  # noqa: E402
 from atelier.registry import REGISTRY  # noqa: E402
 from tests.harness import tiny_sam2  # noqa: E402
 
@@ -76,7 +76,7 @@ def bench(size: str, dtypes: list[str], repeat: int, device: str, folder: Path) 
         torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         handle = segmenter.make_handle(segmenter.SAM2Spec(path=str(path), dtype=dt, device=device))
-        model = segmenter.get_model(handle)
+        model = stage.get(segmenter.STAGE, handle)
         load_s = time.perf_counter() - t0
         it = iter(images)
         embed_s = _timed(lambda m=model, i=it: segmenter.set_image(m, next(i)[0].numpy()), repeat)

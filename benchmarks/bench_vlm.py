@@ -110,8 +110,7 @@ def run_one(model_dir: Path, quantization: str, offload: str, cap_gib: float | N
     try:
         t0 = time.perf_counter()
         handle = captioner.make_handle(spec)
-        vlm = captioner.load(spec, offload=handle.offload,
-                             max_gpu_bytes=int(cap_gib * GiB) if cap_gib else None)
+        vlm = captioner.load(handle, max_gpu_bytes=int(cap_gib * GiB) if cap_gib else None)
         torch.cuda.synchronize()
         row.update(load_s=round(time.perf_counter() - t0, 2), resolved_offload=vlm.offload, notes=list(vlm.notes),
                    vram_after_load_gib=round((torch.cuda.memory_allocated() - base) / GiB, 2))

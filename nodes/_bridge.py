@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,10 +17,11 @@ import torch
 from comfy.model_patcher import ModelPatcher
 from comfy_api.latest import io
 
-from ..atelier import fill, flux_files, folders
+from ..atelier import flux_files, folders
 from ..atelier.errors import ModelFileError
 from ..atelier.registry import REGISTRY
-from ..atelier.types import FluxFillFiles, FluxFillHandle
+from ..atelier.stage import Stage
+from ..atelier.types import FluxFillFiles
 
 log = logging.getLogger("atelier")
 
@@ -241,34 +241,33 @@ REGISTRY.on_built = _on_built
 REGISTRY.on_released = _on_released
 
 
-def acquire(key, build, group: str, need_bytes: int | Callable[[], int] = 0):
-    """The registry entry for ``key`` (any stage): built if missing or released, after ComfyUI made room for
-    ``need_bytes`` of VRAM; marked in use when it is already there.
+def acquire(stage: Stage, handle):
+    """The loaded model for ``handle`` of any stage (see :mod:`atelier.stage`): built if missing or released, after
+    ComfyUI made room for ``stage.need_bytes``; marked in use when it is already there.
 
-    Entries are the engine's model objects; they expose ``resident_bytes`` and ``device`` (what ComfyUI should
-    count) and ``close()`` (drop every module). See :mod:`atelier.registry`.
+    Models are the engine's objects; they expose ``resident_bytes`` and ``device`` (what ComfyUI should count) and
+    ``close()`` (drop every module). See :mod:`atelier.registry`.
     """
+    key = handle.spec
     entry = REGISTRY.get(key)
     if entry is None:
         dev = mm.get_torch_device()
         if dev.type == "cuda":
-            need = need_bytes() if callable(need_bytes) else need_bytes
+            need = stage.need_bytes(handle, free_vram())
             mm.free_memory(need + mm.minimum_inference_memory(), dev)  # evict core models first, like core loaders
-        return REGISTRY.get_or_build(key, build, group=group)
+        return REGISTRY.get_or_build(key, lambda: stage.load(handle), group=stage.group)
     patcher = _PATCHERS.get(key)
     if patcher is not None:
         mm.load_models_gpu([patcher])  # marks it in use; frees others if VRAM is short
     return entry
 
 
-def acquire_flux_fill(handle: FluxFillHandle) -> fill.FluxFillModel:
-    """The loaded FLUX Fill pipeline for ``handle``: reloaded if ComfyUI released it."""
-
-    def need() -> int:
-        _, _, _, fp = fill.resolve(handle.spec, free_vram())
-        return fill.resident_vram(handle.offload, fp)
-
-    return acquire(handle.spec, lambda: fill.load(handle.spec, offload=handle.offload), "flux_fill", need)
+def load_stage(stage: Stage, spec):
+    """What every loader node does: spec → handle (files checked, settings resolved), the model loaded through
+    :func:`acquire`, and the loader's summary text. Returns (handle, text)."""
+    handle = stage.make_handle(spec, free_vram())
+    model = acquire(stage, handle)
+    return handle, stage.summary(handle, model)
 
 
 def images_out(t: torch.Tensor) -> torch.Tensor:
@@ -302,13 +301,6 @@ def bg_remover_fingerprint(name: str):
 
     path = folder_paths.get_full_path("background_removal", name) if name else None
     return (name, masker.file_stamp(path) if path else None)
-
-
-def acquire_bg_remover(spec):
-    """The loaded remover for ``spec`` (atelier.masker.BgRemoverSpec): reloaded if ComfyUI released it."""
-    from ..atelier import masker
-
-    return acquire(spec, lambda: masker.load(spec), "bg_remover", lambda: masker.vram_estimate(spec))
 
 
 # ------------------------------------------------------------------------------------------------ SAM2
@@ -367,17 +359,6 @@ def layered_folder(model: str) -> str:
     raise ModelFileError(f"the diffusers folder '{name}' under models/diffusers (a QwenImageLayeredPipeline)",
                          "no such folder", "Put Qwen/Qwen-Image-Layered (the whole folder) in models/diffusers, "
                                            "then refresh (R) and pick it.")
-
-
-def acquire_layered(handle):
-    """The loaded Qwen-Image-Layered pipeline for ``handle``: reloaded if ComfyUI released it."""
-    from ..atelier import layers
-
-    def need() -> int:
-        _, _, _, fp = layers.resolve(handle.spec, free_vram())
-        return fill.resident_vram(handle.offload, fp)
-
-    return acquire(handle.spec, lambda: layers.load(handle.spec, offload=handle.offload), "layered", need)
 
 
 class StopAwareProgress(ComfyProgress):

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..atelier.types import DTYPES, OFFLOADS, QUANTIZATIONS
+from ..atelier.memory import QUANTIZATIONS, quantization_tooltip
+from ..atelier.types import DTYPES, OFFLOADS
 
 
 def quantization(quantized: str) -> io.Combo.Input:
     """``quantized``: what the choice applies to, for the tooltip ("transformer and T5 quantized")."""
     return io.Combo.Input("quantization", options=list(QUANTIZATIONS), default="none",
-                          tooltip="none = bf16/fp16 weights; int8 = LLM.int8 (bitsandbytes); nf4 = 4-bit "
-                                  f"(bitsandbytes): {quantized}. Needs an NVIDIA GPU.")
+                          tooltip=quantization_tooltip(quantized))
 
 
 def offload() -> io.Combo.Input:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from comfy_api.latest import io, ui
 
 from ..atelier import captioner
-from ..atelier.types import QUANTIZATIONS
 from . import _bridge as bridge
 from . import _settings as settings
 from ._bridge import VLM
@@ -13,12 +12,6 @@ from ._bridge import VLM
 
 def model_choices() -> list[str]:
     return [name for name, _ in captioner.find_model_folders(bridge.llm_roots())]
-
-
-def acquire_vlm(handle: captioner.VLMHandle) -> captioner.VLMModel:
-    """The loaded VLM for ``handle``: built if missing or released by ComfyUI (Unload, /free, VRAM pressure)."""
-    return bridge.acquire(handle.spec, lambda: captioner.load(handle.spec, offload=handle.offload), "vlm",
-                          lambda: captioner.need_bytes(handle, bridge.free_vram()))
 
 
 class AtelierVLMLoader(io.ComfyNode):
@@ -35,9 +28,7 @@ class AtelierVLMLoader(io.ComfyNode):
                                tooltip="A Hugging Face model folder in models/LLM (config.json, *.safetensors, "
                                        "tokenizer and preprocessor files), e.g. Qwen2.5-VL-3B-Instruct. Qwen3-VL "
                                        "needs transformers >= 4.57."),
-                io.Combo.Input("quantization", options=list(QUANTIZATIONS), default="none",
-                               tooltip="none = 16-bit weights; int8 = LLM.int8 (bitsandbytes); nf4 = 4-bit "
-                                       "(bitsandbytes, about a third of the VRAM). Needs an NVIDIA GPU."),
+                settings.quantization("the language model quantized (nf4: about a third of the VRAM)"),
                 io.Combo.Input("offload", options=list(captioner.VLM_OFFLOADS), default="auto",
                                tooltip="auto = all on the GPU when it fits, else model; none = all on the GPU; "
                                        "model = what fits in the free VRAM goes on the GPU, the rest stays in RAM "
@@ -52,9 +43,7 @@ class AtelierVLMLoader(io.ComfyNode):
         path = captioner.resolve_folder(model, bridge.llm_roots())
         spec = captioner.VLMSpec(path=str(path), quantization=quantization, offload=offload, dtype=dtype,
                                  device=bridge.device())
-        handle = captioner.make_handle(spec, bridge.free_vram())
-        loaded = acquire_vlm(handle)
-        text = captioner.handle_summary(handle) + "".join(f"\n{n}" for n in loaded.notes)
+        handle, text = bridge.load_stage(captioner.STAGE, spec)
         return io.NodeOutput(handle, ui=ui.PreviewText(text))
 
 
@@ -105,7 +94,7 @@ class AtelierCaption(io.ComfyNode):
     def execute(cls, vlm, image, task, instruction, language, max_new_tokens, seed, temperature) -> io.NodeOutput:
         captioner.build_instruction(task, language, instruction)  # a bad task/instruction before loading
         with bridge.comfy_progress(max_new_tokens * image.shape[0]) as progress:
-            model = acquire_vlm(vlm)
+            model = bridge.acquire(captioner.STAGE, vlm)
             replies = captioner.caption(model, image, task, language=language, instruction=instruction,
                                         max_new_tokens=max_new_tokens, seed=seed, temperature=temperature,
                                         progress=progress)

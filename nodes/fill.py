@@ -57,9 +57,7 @@ class AtelierFluxFillLoader(io.ComfyNode):
             files=bridge.flux_fill_files(model, clip_l, t5xxl, vae), quantization=quantization, offload=offload,
             attention_slicing=attention_slicing, vae_slicing=vae_slicing, vae_tiling=vae_tiling,
             first_block_cache=float(first_block_cache), dtype=dtype, device=bridge.device(), compile=bool(compile))
-        handle = fill.make_handle(spec, bridge.free_vram())
-        loaded = bridge.acquire_flux_fill(handle)
-        text = fill.handle_summary(handle) + "".join(f"\n{n}" for n in loaded.notes)
+        handle, text = bridge.load_stage(fill.STAGE, spec)
         return io.NodeOutput(handle, ui=ui.PreviewText(text))
 
 
@@ -96,7 +94,7 @@ class AtelierFluxFill(io.ComfyNode):
     @classmethod
     def execute(cls, pipe, image, mask, prompt, steps, guidance, seed, composite_back) -> io.NodeOutput:
         with bridge.comfy_progress(steps * image.shape[0]) as progress:
-            model = bridge.acquire_flux_fill(pipe)
+            model = bridge.acquire(fill.STAGE, pipe)
             out = fill.inpaint(model, image, mask, prompt, steps=steps, guidance=guidance, seed=seed,
                                composite_back=composite_back, progress=progress)
         return io.NodeOutput(bridge.images_out(out))

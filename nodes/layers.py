@@ -64,9 +64,7 @@ class AtelierLayeredLoader(io.ComfyNode):
         spec = layered.LayeredSpec(
             path=bridge.layered_folder(model), quantization=quantization, offload=offload, vae_slicing=vae_slicing,
             vae_tiling=vae_tiling, first_block_cache=float(first_block_cache), dtype=dtype, device=bridge.device())
-        handle = layered.make_handle(spec, bridge.free_vram())
-        loaded = bridge.acquire_layered(handle)
-        text = layered.handle_summary(handle) + "".join(f"\n{n}" for n in loaded.notes)
+        handle, text = bridge.load_stage(layered.STAGE, spec)
         return io.NodeOutput(handle, ui={"text": [text]})
 
 
@@ -112,7 +110,7 @@ class AtelierSplitLayers(io.ComfyNode):
     def execute(cls, pipe, image, layers, resolution, steps, cfg, seed, prompt, language,
                 cfg_normalize=True) -> io.NodeOutput:
         with bridge.stop_aware_progress(steps) as progress:
-            model = bridge.acquire_layered(pipe)
+            model = bridge.acquire(layered.STAGE, pipe)
             result = layered.split(model, image, layers=layers, resolution=int(resolution), steps=steps, cfg=cfg,
                                   seed=seed, prompt=prompt, language=language, cfg_normalize=cfg_normalize,
                                   progress=progress)

@@ -46,9 +46,8 @@ class AtelierBackgroundRemoverLoader(io.ComfyNode):
     def execute(cls, model, dtype, device) -> io.NodeOutput:
         spec = masker.make_spec(bridge.bg_remover_path(model), dtype=dtype,
                                 device=bridge.device() if device == "auto" else "cpu", memory_device=bridge.device())
-        loaded = bridge.acquire_bg_remover(spec)
-        handle = masker.handle_for(loaded)
-        return io.NodeOutput(handle, ui=ui.PreviewText(masker.handle_summary(handle, loaded.notes)))
+        handle, text = bridge.load_stage(masker.STAGE, spec)
+        return io.NodeOutput(handle, ui=ui.PreviewText(text))
 
 
 class AtelierRemoveBackground(io.ComfyNode):
@@ -77,7 +76,7 @@ class AtelierRemoveBackground(io.ComfyNode):
     @classmethod
     def execute(cls, remover, image, resolution, mask_threshold) -> io.NodeOutput:
         with bridge.comfy_progress(image.shape[0]) as progress:
-            model = bridge.acquire_bg_remover(remover.spec)
+            model = bridge.acquire(masker.STAGE, remover)
             out, mask = masker.remove(model, image, resolution=resolution, mask_threshold=mask_threshold,
                                       progress=progress)
         return io.NodeOutput(bridge.images_out(out), mask.clamp(0.0, 1.0).float().cpu())

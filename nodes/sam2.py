@@ -17,11 +17,6 @@ from . import _bridge as bridge
 from ._bridge import SAM2
 
 
-def _acquire(handle: segmenter.SAM2Handle) -> segmenter.SAM2Model:
-    """The loaded model for ``handle``; rebuilt if ComfyUI's Unload / POST /free released it."""
-    return bridge.acquire(handle.spec, lambda: segmenter.load(handle), "sam2", handle.need_bytes)
-
-
 # one colour per object in the editor's mask overlay (the node's UI output); alpha 0 outside every mask
 OVERLAY_COLORS = np.array([(255, 64, 64), (64, 160, 255), (255, 200, 0), (160, 80, 255), (0, 200, 120),
                            (255, 120, 200)], dtype=np.uint8)
@@ -74,9 +69,8 @@ class AtelierSAM2Loader(io.ComfyNode):
     def execute(cls, model, dtype) -> io.NodeOutput:
         path = bridge.sam2_path(model)
         spec = segmenter.SAM2Spec(path=path, dtype=dtype, device=bridge.device(), stamp=segmenter.file_stamp(path))
-        handle = segmenter.make_handle(spec)
-        _acquire(handle)
-        return io.NodeOutput(handle, ui=ui.PreviewText(segmenter.handle_summary(handle)))
+        handle, text = bridge.load_stage(segmenter.STAGE, spec)
+        return io.NodeOutput(handle, ui=ui.PreviewText(text))
 
 
 class AtelierSAM2Segment(io.ComfyNode):
@@ -116,7 +110,7 @@ class AtelierSAM2Segment(io.ComfyNode):
         image = check_image(image)
         segmenter.check_inside(prompts, image.shape[2], image.shape[1])
         with bridge.comfy_progress(image.shape[0] * prompts.n_objects) as progress:
-            model = _acquire(sam2)
+            model = bridge.acquire(segmenter.STAGE, sam2)
             masks = segmenter.segment(model, image, prompts, multimask=multimask, progress=progress)
         return io.NodeOutput(masks, ui=editor_preview(image, masks, prompts.n_objects,
                                                            (points, negative_points, boxes)))

@@ -219,7 +219,7 @@ def vlm_dirs(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def loaded(vlm_dirs):
-    models = {kind: captioner.load(captioner.VLMSpec(path=str(d))) for kind, d in vlm_dirs.items()}
+    models = {kind: captioner.load(captioner.make_handle(captioner.VLMSpec(path=str(d)))) for kind, d in vlm_dirs.items()}
     yield models
     for m in models.values():
         m.close()
@@ -280,7 +280,7 @@ def test_qwen3_vl_loads_and_equals_model_generate(tmp_path_factory):
 
     folder = tiny_vlm.build("qwen3_vl", tmp_path_factory.mktemp("llm3") / "tiny-qwen3_vl")
     assert captioner.check_folder(folder) == "qwen3_vl"
-    vlm = captioner.load(captioner.VLMSpec(path=str(folder)))
+    vlm = captioner.load(captioner.make_handle(captioner.VLMSpec(path=str(folder))))
     try:
         assert vlm.family == "Qwen3-VL"
         images = image_batch(1, seed=7)

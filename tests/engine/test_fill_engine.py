@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from atelier import fill
+from atelier import fill, stage
 from atelier.attention import SlicedFluxAttnProcessor, enable_sliced_attention
 from atelier.errors import InputError, ModelFileError, SettingError
 from atelier.images import pad_to_multiple
@@ -45,8 +45,8 @@ def _run(model, image, mask, seed=SEED, progress=None, **kw):
 @pytest.fixture(scope="module")
 def models(files_diffusers, files_single):
     """One plain (default settings) model per layout, shared by the tests that do not change settings."""
-    built = {"diffusers": fill.load(FluxFillSpec(files=files_diffusers)),
-             "single_file": fill.load(FluxFillSpec(files=files_single))}
+    built = {"diffusers": fill.load(fill.make_handle(FluxFillSpec(files=files_diffusers))),
+             "single_file": fill.load(fill.make_handle(FluxFillSpec(files=files_single)))}
     for m in built.values():
         m.pipe.set_progress_bar_config(disable=True)
     yield built
@@ -76,7 +76,7 @@ def pipe_calls(monkeypatch):
 
 
 def _load(files, **settings):
-    m = fill.load(FluxFillSpec(files=files, **settings))
+    m = fill.load(fill.make_handle(FluxFillSpec(files=files, **settings)))
     m.pipe.set_progress_bar_config(disable=True)
     return m
 
@@ -335,7 +335,7 @@ def test_part_sizes_are_read_from_headers(files_diffusers, files_single, models)
 
 def test_handle_summary_names_the_settings(files_diffusers):
     h = fill.make_handle(FluxFillSpec(files=files_diffusers, vae_tiling=True, first_block_cache=0.1))
-    text = fill.handle_summary(h)
+    text = fill.summary(h)
     assert "fp32" in text and "offload none" in text and "VAE tiling" in text and "FirstBlockCache 0.1" in text
     assert "VAE slicing" not in text
 
@@ -346,12 +346,12 @@ def test_handle_summary_names_the_settings(files_diffusers):
 def test_get_model_builds_once_per_spec(clean_registry, files_diffusers):
     handle = fill.make_handle(FluxFillSpec(files=files_diffusers))
     loads = clean_registry.loads
-    first = fill.get_model(handle)
-    second = fill.get_model(handle)
+    first = stage.get(fill.STAGE, handle)
+    second = stage.get(fill.STAGE, handle)
     assert first is second
     assert clean_registry.loads == loads + 1
     # an equal handle made again (as ComfyUI does on a re-run) finds the same model
-    assert fill.get_model(fill.make_handle(FluxFillSpec(files=files_diffusers))) is first
+    assert stage.get(fill.STAGE, fill.make_handle(FluxFillSpec(files=files_diffusers))) is first
     assert clean_registry.loads == loads + 1
     assert clean_registry.get(handle.spec) is first
 
@@ -359,8 +359,8 @@ def test_get_model_builds_once_per_spec(clean_registry, files_diffusers):
 def test_another_setting_replaces_the_previous_model(clean_registry, files_diffusers):
     first = fill.make_handle(FluxFillSpec(files=files_diffusers))
     second = fill.make_handle(FluxFillSpec(files=files_diffusers, vae_slicing=True))
-    old = fill.get_model(first)
-    new = fill.get_model(second)
+    old = stage.get(fill.STAGE, first)
+    new = stage.get(fill.STAGE, second)
     assert new is not old
     assert clean_registry.get(first.spec) is None
     assert clean_registry.get(second.spec) is new
@@ -371,13 +371,13 @@ def test_another_setting_replaces_the_previous_model(clean_registry, files_diffu
 
 def test_release_then_rebuild(clean_registry, files_diffusers):
     handle = fill.make_handle(FluxFillSpec(files=files_diffusers))
-    model = fill.get_model(handle)
+    model = stage.get(fill.STAGE, handle)
     loads = clean_registry.loads
     assert clean_registry.release(handle.spec) is True
     assert clean_registry.release(handle.spec) is False
     assert model.pipe is None
     assert clean_registry.get(handle.spec) is None
-    rebuilt = fill.get_model(handle)  # a handle whose model was released rebuilds it
+    rebuilt = stage.get(fill.STAGE, handle)  # a handle whose model was released rebuilds it
     assert rebuilt is not model and rebuilt.pipe is not None
     assert clean_registry.loads == loads + 1
     out = _run(rebuilt, _image(), _mask())

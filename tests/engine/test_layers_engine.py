@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from atelier import layers
+from atelier import layers, stage
 from atelier.errors import InputError, ModelFileError, SettingError
 from atelier.progress import NullProgress
 from atelier.registry import REGISTRY
@@ -30,7 +30,7 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(folder):
-    m = layers.load(layers.LayeredSpec(path=str(folder)))
+    m = layers.load(layers.make_handle(layers.LayeredSpec(path=str(folder))))
     m.pipe.set_progress_bar_config(disable=True)
     yield m
     m.close()
@@ -133,13 +133,13 @@ def test_make_handle_resolves_like_the_fill_loader(folder):
         layers.make_handle(layers.LayeredSpec(path=str(folder), quantization="nf4"))
     with pytest.raises(SettingError, match="first_block_cache"):
         layers.make_handle(layers.LayeredSpec(path=str(folder), first_block_cache=1.5))
-    assert "offload none" in layers.handle_summary(handle)
+    assert "offload none" in layers.summary(handle)
 
 
 def test_toggles_reach_the_pipeline(folder):
     spec = layers.LayeredSpec(path=str(folder), vae_slicing=True, vae_tiling=True, first_block_cache=0.1)
     REGISTRY.release_all()
-    m = layers.get_model(layers.make_handle(spec))
+    m = stage.get(layers.STAGE, layers.make_handle(spec))
     try:
         assert m.pipe.vae.use_slicing and m.pipe.vae.use_tiling
         assert m.pipe.transformer.is_cache_enabled

@@ -113,7 +113,7 @@ def test_family_is_recognised_from_the_graph_when_the_name_says_nothing(weights,
     for key, (_, family) in MODELS.items():
         neutral = tmp_path / f"model_{key}_a.onnx".replace("isnet", "x").replace("u2netp", "y")
         shutil.copyfile(weights[key], neutral)
-        model = masker.load(masker.make_spec(str(neutral)))
+        model = masker.load(masker.make_handle(masker.make_spec(str(neutral))))
         try:
             assert model.family.key == family
             assert model.resolution == model.fixed_size == model.family.size
@@ -174,7 +174,7 @@ def test_garbage_onnx_is_a_clear_error_naming_the_file(tmp_path):
     bad = tmp_path / "broken-u2net.onnx"
     bad.write_bytes(b"\x08\x07garbage, not a protobuf" * 50)
     with pytest.raises(ModelFileError, match=r"broken-u2net\.onnx.*damaged, incomplete or not ONNX"):
-        masker.load(masker.make_spec(str(bad)))
+        masker.load(masker.make_handle(masker.make_spec(str(bad))))
 
 
 def test_missing_or_foreign_files_are_clear_errors(tmp_path):
@@ -192,15 +192,15 @@ def test_unrecognisable_onnx_asks_for_a_telling_name(weights, tmp_path, monkeypa
     monkeypatch.setattr(masker, "family_from_graph", lambda *a: None)  # a graph of no known signature
     with pytest.raises(ModelFileError, match=r"'model\.onnx'.*input 'input\.1' \[1, 3, 320, 320\] with 7 "
                                              r"output\(s\).*Rename the file"):
-        masker.load(masker.make_spec(str(path)))
+        masker.load(masker.make_handle(masker.make_spec(str(path))))
 
 
 def test_memory_is_counted_on_comfyuis_device_and_a_released_model_says_so(weights):
     # runs on the CPU of a GPU machine: owned by the GPU's memory manager (so Unload frees it), 0 bytes of VRAM
-    model = masker.load(masker.make_spec(str(weights["u2netp"]), device="cpu", memory_device="cuda:0"))
+    model = masker.load(masker.make_handle(masker.make_spec(str(weights["u2netp"]), device="cpu", memory_device="cuda:0")))
     assert model.run_device == torch.device("cpu") and model.device == torch.device("cuda:0")
     assert model.resident_bytes == 0
-    assert masker.vram_estimate(model.spec) == 0
+    assert masker.need_bytes(masker.make_handle(model.spec)) == 0
     model.close()
     with pytest.raises(Exception, match="released"):
         masker.remove(model, torch.rand(1, 8, 8, 3))
@@ -220,7 +220,7 @@ def test_safetensors_without_the_birefnet_module_is_a_clear_error(tmp_path, monk
     _write_checkpoint(ckpt, {"bb.layers.0.weight": torch.zeros(2, 2)})
     monkeypatch.setitem(sys.modules, f"{masker.__package__}.birefnet", None)  # as if atelier/birefnet.py were absent
     with pytest.raises(ModelFileError, match=r"atelier/birefnet\.py\) to run 'RMBG-2\.0\.safetensors'"):
-        masker.load(masker.make_spec(str(ckpt)))
+        masker.load(masker.make_handle(masker.make_spec(str(ckpt))))
 
 
 class _TinyNet(torch.nn.Module):
@@ -251,7 +251,7 @@ def test_torch_path_resizes_normalises_and_takes_the_sigmoid(tmp_path, stub_bire
     state = {"conv.weight": torch.randn(1, 3, 3, 3, generator=g), "conv.bias": torch.randn(1, generator=g)}
     ckpt = tmp_path / "BiRefNet-general.safetensors"
     _write_checkpoint(ckpt, state)
-    model = masker.load(masker.make_spec(str(ckpt)))
+    model = masker.load(masker.make_handle(masker.make_spec(str(ckpt))))
     assert model.backend == "torch" and model.family.key == "birefnet" and model.resolution == 1024
     image = torch.rand(1, 40, 56, 3, generator=g)
     out, mask = masker.remove(model, image, resolution=64)
@@ -275,11 +275,11 @@ def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path, stub_bire
     ckpt = tmp_path / "sd15-vae.safetensors"
     _write_checkpoint(ckpt, {"encoder.conv_in.weight": torch.zeros(1)})
     with pytest.raises(ModelFileError, match=r"official key names in 'sd15-vae\.safetensors'.*encoder\.conv_in"):
-        masker.load(masker.make_spec(str(ckpt)))
+        masker.load(masker.make_handle(masker.make_spec(str(ckpt))))
 
 
 def test_damaged_checkpoint_is_a_clear_error(tmp_path, stub_birefnet):
     ckpt = tmp_path / "BiRefNet.safetensors"
     ckpt.write_bytes(b"\x00" * 64)
     with pytest.raises(ModelFileError, match=r"readable checkpoint in 'BiRefNet\.safetensors'"):
-        masker.load(masker.make_spec(str(ckpt)))
+        masker.load(masker.make_handle(masker.make_spec(str(ckpt))))

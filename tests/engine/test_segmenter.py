@@ -182,7 +182,7 @@ def test_handle_reads_the_checkpoint_without_building_it(ckpt):
         assert h.weight_bytes == 38_962_754 * 4
     h = segmenter.make_handle(SAM2Spec(path=str(ckpt["pt"]), dtype="bf16"))
     assert h.dtype == "bf16" and h.weight_bytes == 38_962_754 * 4  # CPU: fp32 weights under bf16 autocast
-    assert "SAM 2.1 tiny" in segmenter.handle_summary(h)
+    assert "SAM 2.1 tiny" in segmenter.summary(h)
 
 
 def test_pt_and_safetensors_load_the_same_weights(ckpt, model):

@@ -40,7 +40,7 @@ def test_combo_generates_and_releases(vlm_dir, quantization, offload):
     assert handle.offload in ("none", "model") and handle.dtype == "bf16"
     # a 4 MiB GPU share under offload=model (the model is ~10 MiB in bf16, its 9.3 MiB embedding first): nothing
     # fits, so the model stays in RAM (real splits are measured in benchmarks/bench_vlm.py at full size)
-    vlm = captioner.load(spec, offload=handle.offload, max_gpu_bytes=4 * MiB if offload == "model" else None)
+    vlm = captioner.load(handle, max_gpu_bytes=4 * MiB if offload == "model" else None)
     try:
         if offload == "model" and quantization == "nf4":  # bitsandbytes cannot stream 4-bit layers
             assert vlm.offload == "none" and any("nf4 weights stay on the GPU" in n for n in vlm.notes), vlm.notes
@@ -61,7 +61,7 @@ def test_combo_generates_and_releases(vlm_dir, quantization, offload):
 def test_fp32_gpu_equals_model_generate(vlm_dir):
     import transformers
 
-    vlm = captioner.load(captioner.VLMSpec(path=str(vlm_dir), dtype="fp32", offload="none", device="cuda"))
+    vlm = captioner.load(captioner.make_handle(captioner.VLMSpec(path=str(vlm_dir), dtype="fp32", offload="none", device="cuda")))
     try:
         [reply] = captioner.caption(vlm, _image(3), "background_analysis", max_new_tokens=10)
     finally:
@@ -89,7 +89,7 @@ def test_stop_ends_generation_on_gpu(vlm_dir):
             if self.calls == 3:
                 raise Stop()
 
-    vlm = captioner.load(captioner.VLMSpec(path=str(vlm_dir), device="cuda", offload="none"))
+    vlm = captioner.load(captioner.make_handle(captioner.VLMSpec(path=str(vlm_dir), device="cuda", offload="none")))
     progress = StopAfter3()
     try:
         with pytest.raises(Stop):

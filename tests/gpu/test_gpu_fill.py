@@ -7,7 +7,7 @@ import gc
 import pytest
 import torch
 
-from atelier import fill
+from atelier import fill, stage
 from atelier.registry import REGISTRY
 from atelier.types import FluxFillFiles, FluxFillSpec
 
@@ -38,7 +38,7 @@ def test_combo_runs_and_keeps_unmasked_pixels(tiny_dir, quantization, offload):
                         offload=offload, device="cuda")
     handle = fill.make_handle(spec)
     assert handle.offload in ("none", "model", "sequential")
-    model = fill.get_model(handle)
+    model = stage.get(fill.STAGE, handle)
     image, mask = _inputs()
     out = fill.inpaint(model, image, mask, "a lamp", steps=2, seed=1, composite_back=True)
     assert out.shape == image.shape and torch.isfinite(out).all()
@@ -52,7 +52,7 @@ def test_combo_runs_and_keeps_unmasked_pixels(tiny_dir, quantization, offload):
                                      dict(first_block_cache=0.1), dict(dtype="fp16"), dict(dtype="fp32")])
 def test_toggles_on_gpu(tiny_dir, toggles):
     spec = FluxFillSpec(files=FluxFillFiles("diffusers", str(tiny_dir)), device="cuda", offload="none", **toggles)
-    model = fill.get_model(fill.make_handle(spec))
+    model = stage.get(fill.STAGE, fill.make_handle(spec))
     image, mask = _inputs()
     out = fill.inpaint(model, image, mask, "a lamp", steps=2, seed=1)
     assert torch.isfinite(out).all()
@@ -60,10 +60,10 @@ def test_toggles_on_gpu(tiny_dir, toggles):
 
 def test_bf16_gpu_close_to_fp32_cpu(tiny_dir):
     image, mask = _inputs()
-    cpu = fill.get_model(fill.make_handle(FluxFillSpec(files=FluxFillFiles("diffusers", str(tiny_dir)))))
+    cpu = stage.get(fill.STAGE, fill.make_handle(FluxFillSpec(files=FluxFillFiles("diffusers", str(tiny_dir)))))
     ref = fill.inpaint(cpu, image, mask, "a lamp", steps=2, seed=3, composite_back=False)
     REGISTRY.release_all()
-    gpu = fill.get_model(fill.make_handle(FluxFillSpec(files=FluxFillFiles("diffusers", str(tiny_dir)),
+    gpu = stage.get(fill.STAGE, fill.make_handle(FluxFillSpec(files=FluxFillFiles("diffusers", str(tiny_dir)),
                                                        device="cuda", dtype="fp32", offload="none")))
     out = fill.inpaint(gpu, image, mask, "a lamp", steps=2, seed=3, composite_back=False)
     assert (out - ref).abs().max() < 2e-2  # same seed → same noise (CPU generator); only kernels differ
@@ -76,7 +76,7 @@ def test_release_returns_vram(tiny_dir, quantization):
     base = torch.cuda.memory_allocated()
     spec = FluxFillSpec(files=FluxFillFiles("diffusers", str(tiny_dir)), quantization=quantization,
                         offload="none", device="cuda")
-    model = fill.get_model(fill.make_handle(spec))
+    model = stage.get(fill.STAGE, fill.make_handle(spec))
     image, mask = _inputs()
     fill.inpaint(model, image, mask, "a lamp", steps=1)
     assert torch.cuda.memory_allocated() > base

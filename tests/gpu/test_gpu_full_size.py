@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from atelier import fill
+from atelier import fill, stage
 from atelier.registry import REGISTRY
 from atelier.types import FluxFillFiles, FluxFillSpec
 
@@ -52,7 +52,7 @@ def test_full_size_combo_two_steps(folder, quantization, offload):
     base = torch.cuda.memory_allocated()
     spec = FluxFillSpec(files=FluxFillFiles("diffusers", str(folder)), quantization=quantization, offload=offload,
                         device="cuda")
-    model = fill.get_model(fill.make_handle(spec))
+    model = stage.get(fill.STAGE, fill.make_handle(spec))
     assert model.offload == offload
     g = torch.Generator().manual_seed(0)
     image = torch.rand(1, 512, 512, 3, generator=g)

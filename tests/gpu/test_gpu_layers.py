@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from atelier import layers
+from atelier import layers, stage
 from atelier.registry import REGISTRY
 
 pytestmark = pytest.mark.gpu
@@ -47,7 +47,7 @@ def test_combo_runs(tiny_layered_dir, quantization, offload):
     spec = layers.LayeredSpec(path=str(tiny_layered_dir), quantization=quantization, offload=offload, device="cuda")
     handle = layers.make_handle(spec)
     assert handle.offload in ("none", "model", "sequential")
-    model = layers.get_model(handle)
+    model = stage.get(layers.STAGE, handle)
     out = _split(model)
     assert out.layers.shape[0] == 2 and torch.isfinite(out.layers).all() and torch.isfinite(out.alphas).all()
     # a second run on the same pipeline (offload hooks reset between runs) gives the same pixels
@@ -58,7 +58,7 @@ def test_combo_runs(tiny_layered_dir, quantization, offload):
 @pytest.mark.parametrize("offload", ["model", "sequential"])
 def test_own_caption_under_offload(tiny_layered_dir, offload):
     spec = layers.LayeredSpec(path=str(tiny_layered_dir), offload=offload, device="cuda")
-    out = _split(layers.get_model(layers.make_handle(spec)), prompt="")
+    out = _split(stage.get(layers.STAGE, layers.make_handle(spec)), prompt="")
     assert torch.isfinite(out.layers).all()
 
 
@@ -66,15 +66,15 @@ def test_own_caption_under_offload(tiny_layered_dir, offload):
                                      dict(dtype="fp16"), dict(dtype="fp32")])
 def test_toggles_on_gpu(tiny_layered_dir, toggles):
     spec = layers.LayeredSpec(path=str(tiny_layered_dir), device="cuda", offload="none", **toggles)
-    out = _split(layers.get_model(layers.make_handle(spec)))
+    out = _split(stage.get(layers.STAGE, layers.make_handle(spec)))
     assert torch.isfinite(out.layers).all()
 
 
 def test_fp32_gpu_close_to_fp32_cpu(tiny_layered_dir):
-    cpu = layers.get_model(layers.make_handle(layers.LayeredSpec(path=str(tiny_layered_dir))))
+    cpu = stage.get(layers.STAGE, layers.make_handle(layers.LayeredSpec(path=str(tiny_layered_dir))))
     ref = _split(cpu, seed=3)
     REGISTRY.release_all()
-    gpu = layers.get_model(layers.make_handle(layers.LayeredSpec(path=str(tiny_layered_dir), device="cuda",
+    gpu = stage.get(layers.STAGE, layers.make_handle(layers.LayeredSpec(path=str(tiny_layered_dir), device="cuda",
                                                                  dtype="fp32", offload="none")))
     out = _split(gpu, seed=3)
     assert (out.layers - ref.layers).abs().max() < 2e-2  # same CPU generator → same noise; only kernels differ
@@ -86,7 +86,7 @@ def test_release_returns_vram(tiny_layered_dir, quantization):
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
     spec = layers.LayeredSpec(path=str(tiny_layered_dir), quantization=quantization, offload="none", device="cuda")
-    model = layers.get_model(layers.make_handle(spec))
+    model = stage.get(layers.STAGE, layers.make_handle(spec))
     _split(model, steps=2, layers=1)
     assert torch.cuda.memory_allocated() > base
     del model

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from atelier import segmenter
+from atelier import segmenter, stage
 from atelier.registry import REGISTRY
 from tests.harness import tiny_sam2
 
@@ -46,7 +46,7 @@ def test_fp32_on_the_gpu_equals_the_predictor_on_the_gpu(ckpt):
     from sam2.sam2_image_predictor import SAM2ImagePredictor
 
     prompts = segmenter.parse_prompts(**PROMPTS)
-    model = segmenter.get_model(segmenter.make_handle(segmenter.SAM2Spec(str(ckpt["pt"]), "fp32", "cuda")))
+    model = stage.get(segmenter.STAGE, segmenter.make_handle(segmenter.SAM2Spec(str(ckpt["pt"]), "fp32", "cuda")))
     got = segmenter.segment(model, _image(), prompts)
     ref = SAM2ImagePredictor(build_sam2(tiny_sam2.CONFIG, str(ckpt["pt"]), device="cuda"))
     ref.set_image(tiny_sam2.example_image().astype(np.float32) / 255.0)
@@ -58,10 +58,10 @@ def test_fp32_on_the_gpu_equals_the_predictor_on_the_gpu(ckpt):
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "auto"])
 def test_half_precision_runs_with_half_weights(ckpt, dtype):
     prompts = segmenter.parse_prompts(**PROMPTS)
-    full = segmenter.segment(segmenter.get_model(segmenter.make_handle(
+    full = segmenter.segment(stage.get(segmenter.STAGE, segmenter.make_handle(
         segmenter.SAM2Spec(str(ckpt["pt"]), "fp32", "cuda"))), _image(), prompts)
     handle = segmenter.make_handle(segmenter.SAM2Spec(str(ckpt["safetensors"]), dtype, "cuda"))
-    model = segmenter.get_model(handle)
+    model = stage.get(segmenter.STAGE, handle)
     assert {p.dtype for p in model.sam.parameters()} == {segmenter.resolve_dtype(handle.dtype, "cuda")}
     assert model.resident_bytes < 38_962_754 * 4 * 0.6
     assert segmenter.segment(model, _image(), prompts, multimask=True).shape == full.shape
@@ -74,7 +74,7 @@ def test_half_precision_runs_with_half_weights(ckpt, dtype):
 def test_release_gives_the_vram_back(ckpt):
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()
-    model = segmenter.get_model(segmenter.make_handle(segmenter.SAM2Spec(str(ckpt["pt"]), "fp32", "cuda")))
+    model = stage.get(segmenter.STAGE, segmenter.make_handle(segmenter.SAM2Spec(str(ckpt["pt"]), "fp32", "cuda")))
     segmenter.segment(model, _image(), segmenter.parse_prompts(**PROMPTS))
     assert torch.cuda.memory_allocated() - before > 100 * 1024**2
     del model

@@ -272,7 +272,7 @@ def engine_model(model_path: str | Path):
 
     key = str(model_path)
     if key not in _MODELS or getattr(_MODELS[key], "session", True) is None:
-        _MODELS[key] = masker.load(masker.make_spec(key))
+        _MODELS[key] = masker.load(masker.make_handle(masker.make_spec(key)))
     return _MODELS[key]
 
 
