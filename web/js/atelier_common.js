@@ -55,3 +55,19 @@ export function onRestoredOutputs(outputs, show) {
         if (output && isAtelier(node.comfyClass)) show(node, output);
     }
 }
+
+// The hooks of an extension that shows part of every Atelier node's UI output on the node: `show(node, output)`
+// after each run and again when the frontend restores the outputs. Use: registerExtension({name, ...outputHooks(f)}).
+export function outputHooks(show) {
+    return {
+        onNodeOutputsUpdated(outputs) {
+            onRestoredOutputs(outputs, show);
+        },
+        async beforeRegisterNodeDef(nodeType, nodeData) {
+            if (!isAtelier(nodeData.name)) return;
+            chainCallback(nodeType.prototype, "onExecuted", function (message) {
+                show(this, message);
+            });
+        },
+    };
+}

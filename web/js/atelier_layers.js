@@ -6,7 +6,7 @@
 // Display only: neither is saved into the workflow nor sent with the prompt. The nodes' text shows through
 // atelier_text.js.
 import { app } from "../../../scripts/app.js";
-import { chainCallback, isAtelier, onRestoredOutputs, viewURL } from "./atelier_common.js";
+import { outputHooks, viewURL } from "./atelier_common.js";
 
 const GALLERY = "atelier_layer_gallery";
 const CHECKER = "repeating-conic-gradient(#bdbdbd 0% 25%, #f2f2f2 0% 50%) 0 0 / 16px 16px";
@@ -93,16 +93,4 @@ function show(node, message) {
     node.setDirtyCanvas(true, true);
 }
 
-app.registerExtension({
-    name: "atelier.layers",
-    // outputs restored by the frontend (switching back to this workflow's tab): show the last run's again
-    onNodeOutputsUpdated(outputs) {
-        onRestoredOutputs(outputs, show);
-    },
-    async beforeRegisterNodeDef(nodeType, nodeData) {
-        if (!isAtelier(nodeData.name)) return;
-        chainCallback(nodeType.prototype, "onExecuted", function (message) {
-            show(this, message);
-        });
-    },
-});
+app.registerExtension({ name: "atelier.layers", ...outputHooks(show) });

@@ -2,7 +2,7 @@
 // the prompt Split Into Layers used, the files Export Layers wrote, ...) in a read-only box on the node after a
 // run, and again when the frontend restores the outputs. No node list: any Atelier node whose UI output holds text.
 import { app } from "../../../scripts/app.js";
-import { chainCallback, isAtelier, messageText, onRestoredOutputs, showText } from "./atelier_common.js";
+import { messageText, outputHooks, showText } from "./atelier_common.js";
 
 function show(node, message) {
     const text = messageText(message);
@@ -11,15 +11,4 @@ function show(node, message) {
     node.setDirtyCanvas(true, true);
 }
 
-app.registerExtension({
-    name: "atelier.text",
-    onNodeOutputsUpdated(outputs) {
-        onRestoredOutputs(outputs, show);
-    },
-    async beforeRegisterNodeDef(nodeType, nodeData) {
-        if (!isAtelier(nodeData.name)) return;
-        chainCallback(nodeType.prototype, "onExecuted", function (message) {
-            show(this, message);
-        });
-    },
-});
+app.registerExtension({ name: "atelier.text", ...outputHooks(show) });
