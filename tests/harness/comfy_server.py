@@ -66,20 +66,36 @@ def comfy_root() -> Path:
     return root
 
 
-def import_comfy(module: str):
-    """A module of ComfyUI's own `comfy` package (e.g. "comfy.utils") imported in this process from the tree of
-    :func:`comfy_root`, without putting the tree on sys.path (where its top-level `nodes`, `utils`, `app`, ...
-    would shadow other modules of those names)."""
-    import importlib
-    import importlib.machinery
-    import importlib.util
+_COMFY_MODULES: dict = {}  # ComfyUI's comfy.* modules that import_comfy imported, kept out of sys.modules
 
-    if "comfy" not in sys.modules:
-        spec = importlib.machinery.PathFinder.find_spec("comfy", [str(comfy_root())])
-        package = importlib.util.module_from_spec(spec)
-        sys.modules["comfy"] = package
-        spec.loader.exec_module(package)
-    return importlib.import_module(module)
+
+def import_comfy(module: str):
+    """A module of ComfyUI's own `comfy` package (e.g. "comfy.utils") from the tree of :func:`comfy_root`.
+
+    Imported without touching sys.path and without leaving ComfyUI's `comfy` in sys.modules: under pytest's importlib
+    import mode `comfy` there is tests/comfy's package, and the tree's top-level `nodes`, `utils`, ... would shadow
+    other modules of those names. Only for functions that import nothing when called (the key converters)."""
+    if module not in _COMFY_MODULES:
+        import importlib
+        import importlib.machinery
+        import importlib.util
+
+        def ours(name: str) -> bool:
+            return name == "comfy" or name.startswith("comfy.")
+
+        others = {k: sys.modules.pop(k) for k in [k for k in sys.modules if ours(k)]}
+        try:
+            sys.modules.update(_COMFY_MODULES)
+            if "comfy" not in sys.modules:
+                spec = importlib.machinery.PathFinder.find_spec("comfy", [str(comfy_root())])
+                package = importlib.util.module_from_spec(spec)
+                sys.modules["comfy"] = package
+                spec.loader.exec_module(package)
+            importlib.import_module(module)
+        finally:
+            _COMFY_MODULES.update({k: sys.modules.pop(k) for k in [k for k in sys.modules if ours(k)]})
+            sys.modules.update(others)
+    return _COMFY_MODULES[module]
 
 
 def free_port() -> int:
