@@ -430,6 +430,15 @@ class ComfyClient:
         """Same as the Unload buttons; takes effect when the queue worker next wakes (after a running prompt)."""
         self._post("/free", json={"unload_models": unload_models, "free_memory": free_memory})
 
+    def forget_outputs(self, timeout: float = 60) -> None:
+        """Empty the server's output cache (POST /free with free_memory, models kept loaded) and wait until it is
+        done, so the next prompt runs every node again (a cached node sends no UI output: a loader's text).
+
+        The queue worker reads the /free flags after each prompt, so one trivial prompt run after them settles it."""
+        self.free(unload_models=False, free_memory=True)
+        self.run({"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+                  "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}, timeout=timeout)
+
     def upload_image(self, path_or_bytes: Union[str, Path, bytes], name: Optional[str] = None,
                      overwrite: bool = True, subfolder: str = "", type: str = "input") -> str:
         """POST /upload/image; returns the stored name (with "subfolder/" in front when one is given)."""
