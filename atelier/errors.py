@@ -21,3 +21,10 @@ class ModelFileError(AtelierError):
 
 class SettingError(AtelierError):
     """A combination of settings that this machine or library cannot run."""
+
+
+def describe_error(e: BaseException) -> str:
+    """``TypeName: first line of the message`` (at most 300 characters), for an error a library raised while we
+    read a user's file: enough to search for, short enough for a node's error box."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {(text[0] if text else type(e).__name__)[:300]}"

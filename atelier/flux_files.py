@@ -19,14 +19,13 @@ import json
 import logging
 import os
 import re
-import struct
 import tempfile
-from functools import lru_cache
 from pathlib import Path
 
 from .errors import ModelFileError
 from .folders import check_diffusers_folder as check_folder
 from .folders import diffusers_pipeline_class  # noqa: F401 - part of this module's API
+from .weights import file_stamp, read_safetensors_header
 
 log = logging.getLogger("atelier")
 
@@ -58,43 +57,19 @@ FLUX_SCHEDULER_CONFIG = {
 FLUX_VAE_SCALING = {"scaling_factor": 0.3611, "shift_factor": 0.1159}
 
 
-# ---------------------------------------------------------------------------------------------------- headers
+# -------------------------------------------------------------------------------------------------- key names
 
 
-def read_safetensors_header(path: str | os.PathLike) -> dict[str, dict]:
-    """Tensor names -> {dtype, shape} from a .safetensors header, without reading the tensors."""
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise ModelFileError("a .safetensors file", f"'{path}' that cannot be read ({e})",
-                             "Check the path; the file may have been moved or deleted.") from e
-    return _read_header(str(path), st.st_size, st.st_mtime_ns)
-
-
-@lru_cache(maxsize=512)
-def _read_header(path: str, size: int, mtime: int) -> dict[str, dict]:
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n <= 0 or n > 100_000_000 or n > size:
-                raise ValueError("bad header length")
-            header = json.loads(f.read(n))
-        ends = [int(m["data_offsets"][1]) for k, m in header.items() if k != "__metadata__"]
-        if 8 + n + max(ends, default=0) > size:
-            raise ValueError(f"tensor data ends at byte {8 + n + max(ends)} but the file has {size}")
-    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, struct.error) as e:
-        raise ModelFileError("a .safetensors file", f"'{path}' that cannot be read ({e})",
-                             "Re-download the file; partial downloads are the usual cause.") from e
-    header.pop("__metadata__", None)
-    return header
+# BFL's files name FLUX's q/k RMSNorm weights `…_norm.scale`; ComfyUI 0.30 names them `…_norm.weight` (its loader
+# takes both, so a checkpoint saved from 0.30 has `.weight`): read both under BFL's name.
+_QK_NORM_WEIGHT = re.compile(r"((?:query|key)_norm)\.weight$")
 
 
 def _strip_prefix(keys, prefixes=("model.diffusion_model.", "diffusion_model.")) -> tuple[str, dict[str, str]]:
+    """(prefix, {BFL name: key in the file}) for a FLUX transformer's keys."""
     keys = list(keys)
-    for p in prefixes:
-        if any(k.startswith(p) for k in keys):
-            return p, {k[len(p):]: k for k in keys if k.startswith(p)}
-    return "", {k: k for k in keys}
+    prefix = next((p for p in prefixes if any(k.startswith(p) for k in keys)), "")
+    return prefix, {_QK_NORM_WEIGHT.sub(r"\1.scale", k[len(prefix):]): k for k in keys if k.startswith(prefix)}
 
 
 # ---------------------------------------------------------------------------------------------- recognising
@@ -333,8 +308,8 @@ def config_dir(kind: str, source: str | os.PathLike, config: dict, weights: str 
 
     Lives in the temp dir, keyed by the source file's path, size and mtime, so it is written once per file.
     """
-    st = os.stat(source)
-    tag = hashlib.sha1(f"{kind}|{os.path.abspath(source)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    size, mtime = file_stamp(source)
+    tag = hashlib.sha1(f"{kind}|{os.path.abspath(source)}|{size}|{mtime}".encode()).hexdigest()[:16]
     folder = Path(tempfile.gettempdir()) / "atelier-configs" / f"{kind}-{tag}"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")

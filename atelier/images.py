@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .errors import InputError
@@ -53,6 +54,14 @@ def match_mask_to_images(image: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
         raise InputError(f"a mask batch of 1 or {b} (one per image)", f"a mask batch of {mask.shape[0]}",
                          "Use one mask for every image, or exactly one mask per image.")
     return mask.expand(b, h, w) if mask.shape[0] == 1 else mask
+
+
+def to_uint8(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Floats in [0, 1] (a tensor or an array of any shape) → uint8, rounded half to even in float64 and clipped,
+    so the values of an 8-bit file loaded as ``x / 255`` (ComfyUI's LoadImage) come back exactly."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().float().cpu().numpy()
+    return np.clip(np.rint(np.asarray(x, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
 
 
 def to_bchw(image: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import InputError
+from .images import to_uint8
 
 log = logging.getLogger("atelier")
 
@@ -76,11 +77,6 @@ class LayerStack:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-def to_uint8(x: np.ndarray) -> np.ndarray:
-    """Floats in [0, 1] → uint8, rounded (so values that came from 8-bit files go back exactly)."""
-    return np.clip(np.rint(np.asarray(x, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
 
 
 def make_stack(rgb: np.ndarray, alpha: np.ndarray, names: list[str]) -> LayerStack:

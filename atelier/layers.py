@@ -21,12 +21,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import folders, pipelines
 from .errors import InputError, SettingError
-from .images import check_image, check_mask
+from .images import check_image, check_mask, to_uint8
 from .memory import Footprint, dtype_name, resident_vram
 from .progress import NullProgress, Progress
 from .stage import Stage, released, with_notes
@@ -265,8 +264,7 @@ def _to_pil(image: torch.Tensor, rgba: bool):
     """One HWC float picture → the PIL image the pipeline preprocesses (8 bit, like a loaded file)."""
     from PIL import Image
 
-    arr = np.clip(np.rint(image.detach().float().cpu().numpy() * 255.0), 0, 255).astype(np.uint8)
-    pil = Image.fromarray(arr[..., :3], "RGB")
+    pil = Image.fromarray(to_uint8(image[..., :3]), "RGB")
     return pil.convert("RGBA") if rgba else pil
 
 

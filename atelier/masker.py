@@ -12,6 +12,10 @@ the same first output, min-max normalisation and 8-bit mask, so a file gives the
 ``.safetensors`` / ``.pth`` BiRefNet and RMBG-2.0 checkpoints are built by :mod:`atelier.birefnet` (our own
 architecture code, no remote code) and run in torch: resize to ``resolution``, ImageNet mean/std, sigmoid of the
 last prediction, resize back.
+
+Extension points are tables: a remover family (name hints, graph signature, input size, mean/std, sigmoid) is one
+row of :data:`FAMILIES`; a torch architecture (module, recognise, build, pre/post-processing) is one row of
+:data:`TORCH_ARCHS`.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,11 +34,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import AtelierError, InputError, ModelFileError, SettingError
-from .images import check_image, to_bchw
+from .errors import AtelierError, InputError, ModelFileError, SettingError, describe_error
+from .images import check_image, to_bchw, to_uint8
 from .memory import GiB, dtype_name, is_cuda, resolve_dtype
 from .progress import NullProgress, Progress
 from .stage import Stage, released, with_notes
+from .weights import file_stamp, read_state_dict
 
 log = logging.getLogger("atelier")
 
@@ -51,8 +57,25 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
+class Graph:
+    """What an ONNX graph shows of itself: its image input's name and fixed side (None when dynamic or not square)
+    and how many outputs it has."""
+
+    input_name: str
+    side: int | None
+    outputs: int
+
+
+@dataclass(frozen=True)
 class Family:
-    """How one kind of model wants its input and what its output means (numbers from rembg's sessions)."""
+    """One kind of background-removal model: how it is recognised and how it wants its input (numbers from rembg's
+    sessions). Adding a family is one row of :data:`FAMILIES`.
+
+    ``names``: (rank, regular expression searched in the lower-case file name); the rules of every family are tried
+    by rank, the first match names the family (so "birefnet-dis" is BiRefNet before "dis" makes it ISNet).
+    ``hint``: how file names announce it, for the rename advice. ``graph``: (rank, test of the :class:`Graph`) for
+    files whose name says nothing, tried by rank the same way.
+    """
 
     key: str
     label: str
@@ -61,49 +84,55 @@ class Family:
     std: tuple[float, float, float]
     sigmoid: bool  # the first output is logits (rembg applies a sigmoid before min-max)
     rembg: str  # the rembg session(s) whose processing this reproduces
+    names: tuple[tuple[int, str], ...] = ()
+    hint: str = ""
+    graph: tuple[int, Callable[[Graph], bool]] | None = None
 
 
 FAMILIES: dict[str, Family] = {f.key: f for f in (
     Family("u2net", "U²-Net (u2net, u2netp, u2net_human_seg, silueta)", 320, IMAGENET_MEAN, IMAGENET_STD, False,
-           "u2net, u2netp, u2net_human_seg, silueta, u2net_custom"),
+           "u2net, u2netp, u2net_human_seg, silueta, u2net_custom",
+           names=((60, r"u2net|silueta"),), hint="u2net / u2netp / silueta (U²-Net)",
+           graph=(10, lambda g: g.side == 320)),
     Family("isnet-general", "ISNet general use (DIS)", 1024, (0.5, 0.5, 0.5), (1.0, 1.0, 1.0), False,
-           "isnet-general-use, dis_custom"),
-    Family("isnet-anime", "ISNet anime", 1024, IMAGENET_MEAN, (1.0, 1.0, 1.0), False, "isnet-anime"),
-    Family("birefnet", "BiRefNet", 1024, IMAGENET_MEAN, IMAGENET_STD, True, "birefnet-*"),
-    Family("bria-rmbg", "BRIA RMBG-2.0 (ONNX)", 1024, IMAGENET_MEAN, IMAGENET_STD, False, "bria-rmbg"),
+           "isnet-general-use, dis_custom",
+           names=((30, r"^(?=.*(rmbg|bria))(?=.*1[._-]?4)"), (50, r"isnet|(^|[^a-z0-9])dis([^a-z0-9]|$)")),
+           hint="isnet (ISNet general), rmbg-1.4 (ISNet-based)",
+           graph=(40, lambda g: g.side == 1024 and g.outputs >= 2)),  # six side outputs (+ feature maps)
+    Family("isnet-anime", "ISNet anime", 1024, IMAGENET_MEAN, (1.0, 1.0, 1.0), False, "isnet-anime",
+           names=((10, r"anime"),), hint="anime (ISNet anime)"),
+    Family("birefnet", "BiRefNet", 1024, IMAGENET_MEAN, IMAGENET_STD, True, "birefnet-*",
+           names=((20, r"birefnet"),), hint="birefnet",
+           graph=(20, lambda g: g.input_name == "input_image")),
+    Family("bria-rmbg", "BRIA RMBG-2.0 (ONNX)", 1024, IMAGENET_MEAN, IMAGENET_STD, False, "bria-rmbg",
+           names=((40, r"rmbg|bria"),), hint="rmbg-2.0 / bria (RMBG-2.0)",
+           graph=(30, lambda g: g.input_name == "pixel_values")),
 )}
 FAMILY_CHOICES: tuple[str, ...] = ("auto", *FAMILIES)
 
-_NAME_HINT = ("u2net / u2netp / silueta (U²-Net), isnet (ISNet general), anime (ISNet anime), birefnet, "
-              "rmbg-2.0 / bria (RMBG-2.0), rmbg-1.4 (ISNet-based)")
 
 
-def _has_token(name: str, token: str) -> bool:
-    return re.search(rf"(^|[^a-z0-9]){token}([^a-z0-9]|$)", name) is not None
+def name_hint() -> str:
+    """How file names announce each family (the advice when a file cannot be recognised)."""
+    return ", ".join(f.hint for f in FAMILIES.values() if f.hint)
+
+# files of the same formats that are not background removers: (pattern in the lower-case name, what it is, use)
+_NOT_REMOVERS = (
+    (r"cloth", "u2net_cloth_seg: three garment masks", "Use u2net / isnet / BiRefNet for background removal."),
+    (r"(^|[^a-z0-9])sam([^a-z0-9]|$)", "a Segment Anything model: needs points or boxes",
+     "Use Atelier's SAM2 nodes for prompted segmentation."),
+)
 
 
 def family_from_name(file_name: str) -> str | None:
     """The family a file name announces (rembg's and the model authors' usual names), or None."""
     n = Path(file_name).name.lower()
-    if "cloth" in n:
-        raise ModelFileError(
-            "a background-removal model (one foreground mask)", f"'{Path(file_name).name}' (u2net_cloth_seg: "
-            "three garment masks)", "Use u2net / isnet / BiRefNet for background removal.")
-    if _has_token(n, "sam"):
-        raise ModelFileError("a background-removal model (one foreground mask)",
-                             f"'{Path(file_name).name}' (a Segment Anything model: needs points or boxes)",
-                             "Use Atelier's SAM2 nodes for prompted segmentation.")
-    if "anime" in n:
-        return "isnet-anime"
-    if "birefnet" in n:
-        return "birefnet"
-    if "rmbg" in n or "bria" in n:
-        return "isnet-general" if re.search(r"1[._-]?4", n) else "bria-rmbg"
-    if "isnet" in n or _has_token(n, "dis"):
-        return "isnet-general"
-    if "u2net" in n or "silueta" in n:
-        return "u2net"
-    return None
+    for pattern, what, fix in _NOT_REMOVERS:
+        if re.search(pattern, n):
+            raise ModelFileError("a background-removal model (one foreground mask)",
+                                 f"'{Path(file_name).name}' ({what})", fix)
+    rules = sorted((rank, pattern, f.key) for f in FAMILIES.values() for rank, pattern in f.names)
+    return next((key for _, pattern, key in rules if re.search(pattern, n)), None)
 
 
 def family_from_graph(input_name: str, input_shape: list[Any], n_outputs: int) -> str | None:
@@ -114,15 +143,9 @@ def family_from_graph(input_name: str, input_shape: list[Any], n_outputs: int) -
     export names it 'pixel_values'.
     """
     h, w = _fixed_hw(input_shape)
-    if h == w == 320:
-        return "u2net"
-    if input_name == "input_image":
-        return "birefnet"
-    if input_name == "pixel_values":
-        return "bria-rmbg"
-    if h == w == 1024 and n_outputs >= 2:
-        return "isnet-general"
-    return None
+    graph = Graph(input_name=input_name, side=h if h == w else None, outputs=n_outputs)
+    rules = sorted(((f.graph[0], f.key, f.graph[1]) for f in FAMILIES.values() if f.graph), key=lambda r: r[:2])
+    return next((key for _, key, test in rules if test(graph)), None)
 
 
 def _fixed_hw(shape: list[Any]) -> tuple[int | None, int | None]:
@@ -159,14 +182,6 @@ class BgRemoverHandle:
 
     spec: BgRemoverSpec
     backend: str  # onnxruntime / torch
-
-
-def file_stamp(path: str) -> tuple[int, int]:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return (0, 0)
-    return (st.st_size, st.st_mtime_ns)
 
 
 def make_spec(path: str, family: str = "auto", dtype: str = "auto", device: str = "cpu",
@@ -350,7 +365,7 @@ def _load_onnx(spec: BgRemoverSpec) -> OnnxRemover:
         session = ort.InferenceSession(spec.path, sess_options=opts, providers=providers)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own pybind exception types
         raise ModelFileError(f"an ONNX model that onnxruntime can read in '{name}'",
-                             f"a file it rejects ({type(e).__name__}: {_first_line(e)})",
+                             f"a file it rejects ({describe_error(e)})",
                              "The file is damaged, incomplete or not ONNX; download it again or pick another "
                              "file.") from e
     inputs, outputs = session.get_inputs(), session.get_outputs()
@@ -372,7 +387,7 @@ def _load_onnx(spec: BgRemoverSpec) -> OnnxRemover:
         raise ModelFileError(
             f"an ONNX model Atelier can recognise in '{name}'",
             f"input '{inp.name}' {list(inp.shape)} with {len(outputs)} output(s), and a file name that names no "
-            "known model", f"Rename the file so its name says what it is: {_NAME_HINT}.")
+            "known model", f"Rename the file so its name says what it is: {name_hint()}.")
     family = FAMILIES[family_key]
     h, w = _fixed_hw(list(inp.shape))
     fixed = None
@@ -392,16 +407,6 @@ def _load_onnx(spec: BgRemoverSpec) -> OnnxRemover:
                        resolution=fixed or family.size, fixed_size=fixed,
                        resident_bytes=file_stamp(spec.path)[0] if device.type == "cuda" else 0, notes=notes,
                        session=session, input_name=inp.name, output_name=outputs[0].name)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:300]
-
-
-def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """HWC float in [0, 1] → HWC uint8, rounding (LoadImage's x/255 comes back exactly)."""
-    return np.clip(np.rint(image.detach().float().cpu().numpy() * 255.0), 0, 255).astype(np.uint8)
 
 
 def rembg_input(rgb: np.ndarray, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
@@ -432,6 +437,7 @@ def rembg_mask(output: np.ndarray, sigmoid: bool, size: tuple[int, int]) -> np.n
     if not np.isfinite(ma) or not np.isfinite(mi) or ma - mi <= 0:
         return None
     pred = np.squeeze((pred - mi) / (ma - mi))
+    # Deliberate copy of images.to_uint8's job: rembg truncates (no rounding) here, and its masks are the reference
     mask = Image.fromarray((pred.clip(0, 1) * 255).astype(np.uint8))
     return np.asarray(mask.resize(size, Image.Resampling.LANCZOS))
 
@@ -439,50 +445,16 @@ def rembg_mask(output: np.ndarray, sigmoid: bool, size: tuple[int, int]) -> np.n
 # ------------------------------------------------------------------------------------------------ torch
 
 
-def _birefnet_module(name: str):
-    """atelier.birefnet, imported when a checkpoint needs it."""
-    try:
-        return importlib.import_module(".birefnet", __package__)
-    except ModuleNotFoundError as e:
-        if e.name not in (f"{__package__}.birefnet", None):
-            raise
-        raise ModelFileError(
-            f"Atelier's BiRefNet architecture (atelier/birefnet.py) to run '{name}'", "an Atelier without it",
-            "Update Atelier, or use an ONNX export of the model (e.g. BiRefNet-general-epoch_244.onnx, "
-            "bria-rmbg-2.0.onnx) in models/background_removal.") from e
-
-
-def read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    name = Path(path).name
-    try:
-        if path.lower().endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - safetensors/pickle errors are many
-        raise ModelFileError(f"a readable checkpoint in '{name}'", f"a file that cannot be read "
-                             f"({type(e).__name__}: {_first_line(e)})",
-                             "The file is damaged or incomplete; download it again.") from e
-    for wrapper in ("state_dict", "model", "model_state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelFileError(f"a state dict (name → tensor) in '{name}'", f"a {type(state).__name__}",
-                             "Use the official BiRefNet / RMBG-2.0 checkpoint.")
-    return state
-
-
 @dataclass
 class TorchRemover(BgRemoverModel):
     module: Any = None
     dtype: torch.dtype = torch.float32
+    arch: TorchArch | None = None
 
     def predict(self, image: torch.Tensor, resolution: int) -> torch.Tensor:
         if self.module is None:
             raise released("background remover")
-        return birefnet_alpha(self.module, image, resolution, self.run_device, self.dtype)
+        return self.arch.predict(self.module, image, resolution, self.run_device, self.dtype)
 
     def close(self) -> None:
         self.module = None
@@ -509,34 +481,79 @@ def birefnet_alpha(module: torch.nn.Module, image: torch.Tensor, resolution: int
     return prob[0, 0].clamp(0.0, 1.0).cpu()
 
 
+@dataclass(frozen=True)
+class TorchArch:
+    """An architecture that ``.safetensors`` / ``.pth`` checkpoints run with in torch. Adding one is one row of
+    :data:`TORCH_ARCHS` (plus its module).
+
+    ``module``: the Atelier module with its code, imported when a checkpoint needs it; in it, ``recognise`` (the
+    checkpoint's key names → bool) and ``build`` (state dict → module in eval mode, strict). ``family``: its row of
+    :data:`FAMILIES` (label, input side). ``predict``: one HWC image → its HW alpha. ``files``: the checkpoints it
+    runs, as users know them; ``onnx``: ONNX exports to use instead when the module is missing.
+    """
+
+    family: str
+    module: str
+    recognise: str
+    build: str
+    predict: Callable[[torch.nn.Module, torch.Tensor, int, torch.device, torch.dtype], torch.Tensor]
+    label: str
+    files: str
+    onnx: str
+
+
+TORCH_ARCHS: dict[str, TorchArch] = {a.family: a for a in (
+    TorchArch("birefnet", "birefnet", "is_birefnet_state_dict", "build_birefnet", birefnet_alpha,
+              "BiRefNet / RMBG-2.0", "BiRefNet's or RMBG-2.0's model.safetensors",
+              "BiRefNet-general-epoch_244.onnx, bria-rmbg-2.0.onnx"),
+)}
+
+
+def _arch_module(arch: TorchArch, name: str):
+    """The Atelier module of ``arch``, imported when a checkpoint needs it."""
+    try:
+        return importlib.import_module(f".{arch.module}", __package__)
+    except ModuleNotFoundError as e:
+        if e.name not in (f"{__package__}.{arch.module}", None):
+            raise
+        raise ModelFileError(
+            f"Atelier's {FAMILIES[arch.family].label} architecture (atelier/{arch.module}.py) to run '{name}'",
+            "an Atelier without it", f"Update Atelier, or use an ONNX export of the model (e.g. {arch.onnx}) in "
+            "models/background_removal.") from e
+
+
 def _load_torch(spec: BgRemoverSpec) -> TorchRemover:
     name = Path(spec.path).name
-    arch = _birefnet_module(name)
     state = read_state_dict(spec.path)
     keys = list(state)
-    if not arch.is_birefnet_state_dict(keys):
-        raise ModelFileError(f"a BiRefNet / RMBG-2.0 checkpoint with the official key names in '{name}'",
-                             f"{len(keys)} tensors named like {', '.join(keys[:3])}",
-                             "Use BiRefNet's or RMBG-2.0's model.safetensors as published, or an .onnx model.")
-    if spec.family not in ("auto", "birefnet"):
-        raise SettingError(f"family auto or birefnet for the checkpoint '{name}'", repr(spec.family),
-                           ".safetensors/.pth files are BiRefNet-architecture models.")
+    for arch in TORCH_ARCHS.values():
+        code = _arch_module(arch, name)
+        if getattr(code, arch.recognise)(keys):
+            break
+    else:
+        archs = TORCH_ARCHS.values()
+        raise ModelFileError(f"a {' or '.join(a.label for a in archs)} checkpoint with the official key names in "
+                             f"'{name}'", f"{len(keys)} tensors named like {', '.join(keys[:3])}",
+                             f"Use {' or '.join(a.files for a in archs)} as published, or an .onnx model.")
+    family = FAMILIES[arch.family]
+    if spec.family not in ("auto", family.key):
+        raise SettingError(f"family auto or {family.key} for the checkpoint '{name}'", repr(spec.family),
+                           f"This .safetensors/.pth file is a {family.label}-architecture model.")
     device = torch.device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
     try:
-        module = arch.build_birefnet(state)
+        module = getattr(code, arch.build)(state)
     except AtelierError:
         raise
     except Exception as e:  # noqa: BLE001 - shape mismatches and the like: name the file
-        raise ModelFileError(f"a BiRefNet / RMBG-2.0 checkpoint whose tensors fit the architecture in '{name}'",
-                             f"{type(e).__name__}: {_first_line(e)}",
-                             "Use the official model.safetensors (BiRefNet general or RMBG-2.0).") from e
+        raise ModelFileError(f"a {arch.label} checkpoint whose tensors fit the architecture in '{name}'",
+                             describe_error(e), f"Use {arch.files} as published.") from e
     del state
     module = module.eval().to(device=device, dtype=dtype)
     size = sum(p.numel() * p.element_size() for p in module.parameters())
-    return TorchRemover(spec=spec, family=FAMILIES["birefnet"], backend="torch", run_device=device,
-                        resolution=1024, resident_bytes=size if device.type == "cuda" else 0,
-                        notes=[f"dtype {dtype_name(dtype)}"], module=module, dtype=dtype)
+    return TorchRemover(spec=spec, family=family, backend="torch", run_device=device, resolution=family.size,
+                        resident_bytes=size if device.type == "cuda" else 0, notes=[f"dtype {dtype_name(dtype)}"],
+                        module=module, dtype=dtype, arch=arch)
 
 
 # --------------------------------------------------------------------------------------------------- run

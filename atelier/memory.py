@@ -20,6 +20,16 @@ log = logging.getLogger("atelier")
 
 GiB = 1024**3
 
+
+def transformers_dtype_kwarg() -> str:
+    """from_pretrained's dtype argument: transformers 4.56 renamed ``torch_dtype`` to ``dtype``."""
+    import re
+
+    import transformers
+
+    major, minor = (int(x) for x in re.findall(r"\d+", transformers.__version__)[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _NAMES = {v: k for k, v in _DTYPES.items()}
 

@@ -43,7 +43,7 @@ log = logging.getLogger("atelier")
 
 def bytes16(files: list[Path]) -> int:
     """Bytes of the tensors in these safetensors files if stored in 16 bit (headers only, nothing is loaded)."""
-    from .flux_files import read_safetensors_header
+    from .weights import read_safetensors_header
 
     total = 0
     for f in files:

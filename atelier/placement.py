@@ -13,16 +13,15 @@ the pasted pixels). ``feather`` softens the inpaint mask's outer edge (Gaussian,
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import re
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .analysis import canonical_key, json_objects
 from .errors import InputError
 from .images import check_image, check_mask
 
@@ -60,25 +59,19 @@ def bbox(mask: torch.Tensor, threshold: float = 0.01) -> tuple[int, int, int, in
 
 
 def region_from_analysis(analysis: str | None) -> tuple[float, float, float, float] | None:
-    """The suggested placement region (x, y, w, h in 0–1) from the captioner's analysis JSON, if it has one."""
+    """The suggested placement region (x, y, w, h in 0–1) from the captioner's analysis JSON, if it has one: the
+    first JSON object of the text (:func:`atelier.analysis.json_objects`), under any key the analysis parser reads
+    as the placement (:func:`atelier.analysis.canonical_key`), with four finite numbers and a positive size."""
     if not analysis or not analysis.strip():
         return None
-    try:
-        data = json.loads(analysis)
-    except ValueError:
-        m = re.search(r"\{.*\}", analysis, re.S)
-        try:
-            data = json.loads(m.group(0)) if m else None
-        except ValueError:
-            data = None
-    if not isinstance(data, dict):
-        return None
-    for key in ("placement", "placement_region", "suggested_placement", "region"):
-        r = data.get(key)
-        if isinstance(r, dict) and all(isinstance(r.get(k), (int, float)) for k in ("x", "y", "w", "h")):
-            vals = [float(r[k]) for k in ("x", "y", "w", "h")]
-            if all(math.isfinite(v) for v in vals) and vals[2] > 0 and vals[3] > 0:
-                return tuple(min(max(v, 0.0), 1.0) for v in vals)  # type: ignore[return-value]
+    for data in json_objects(analysis):
+        for key, r in data.items():
+            if canonical_key(key) != "placement" or not isinstance(r, dict):
+                continue
+            if all(isinstance(r.get(k), (int, float)) for k in ("x", "y", "w", "h")):
+                vals = [float(r[k]) for k in ("x", "y", "w", "h")]
+                if all(math.isfinite(v) for v in vals) and vals[2] > 0 and vals[3] > 0:
+                    return tuple(min(max(v, 0.0), 1.0) for v in vals)  # type: ignore[return-value]
     return None
 
 

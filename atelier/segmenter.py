@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import weights
 from .errors import InputError, ModelFileError
 from .images import check_image
 from .memory import dtype_name, is_cuda, resolve_dtype
@@ -138,41 +139,15 @@ def _strip_prefix(names: list[str]) -> str:
     return "model." if names and all(n.startswith("model.") for n in names) else ""
 
 
-def _torch_load(path: str, mmap: bool) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except RuntimeError as e:
-        if mmap and "mmap" in str(e).lower():  # the legacy (pre-zip) format cannot be memory-mapped
-            return torch.load(path, map_location="cpu", weights_only=True)
-        raise
-
-
 def read_state_dict(path: str | os.PathLike, mmap: bool = False) -> dict[str, torch.Tensor]:
     """The tensors of a ``.pt`` (``weights_only=True``; official files hold them under "model") or ``.safetensors``."""
     path = str(path)
     if not os.path.isfile(path):
         raise ModelFileError(_WHAT, f"no file at '{path}'", "Put the checkpoint in models/sam2 and refresh (R).")
-    ext = Path(path).suffix.lower()
-    try:
-        if ext == ".safetensors":
-            from safetensors.torch import load_file
-
-            data: Any = load_file(path, device="cpu")
-        elif ext == ".pt":
-            data = _torch_load(path, mmap)
-        else:
-            raise ModelFileError(f"{_WHAT}, as .pt or .safetensors", f"'{Path(path).name}'", _GET_IT)
-    except ModelFileError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any reading failure is a file problem for the user
-        raise ModelFileError(f"{_WHAT} that loads with weights_only=True (plain tensors)",
-                             f"'{Path(path).name}' that failed to load ({type(e).__name__}: {str(e)[:200]})",
-                             _GET_IT) from e
-    if isinstance(data, Mapping) and "model" in data and isinstance(data["model"], Mapping):
-        data = data["model"]
-    if not isinstance(data, Mapping):
-        raise ModelFileError(_WHAT, f"'{Path(path).name}' holding a {type(data).__name__}", _GET_IT)
-    tensors = {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if Path(path).suffix.lower() not in (".pt", ".safetensors"):
+        raise ModelFileError(f"{_WHAT}, as .pt or .safetensors", f"'{Path(path).name}'", _GET_IT)
+    tensors = weights.read_state_dict(path, what=f"{_WHAT}, loadable with weights_only=True (plain tensors)",
+                                      fix=_GET_IT, mmap=mmap)
     prefix = _strip_prefix(list(tensors))
     return {k[len(prefix):]: v for k, v in tensors.items()}
 
@@ -181,10 +156,8 @@ def read_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     """Tensor names -> shapes, cheaply: the .safetensors header, or a memory-mapped .pt."""
     path = str(path)
     if Path(path).suffix.lower() == ".safetensors" and os.path.isfile(path):
-        from .flux_files import read_safetensors_header
-
         try:
-            header = read_safetensors_header(path)
+            header = weights.read_safetensors_header(path)
         except ModelFileError as e:
             raise ModelFileError(_WHAT, f"'{Path(path).name}' ({e.received})", _GET_IT) from e
         prefix = _strip_prefix(list(header))
@@ -204,14 +177,6 @@ class SAM2Spec:
     dtype: str = "auto"
     device: str = "cpu"
     stamp: tuple = ()
-
-
-def file_stamp(path: str | os.PathLike) -> tuple[int, int]:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return (0, 0)
-    return (st.st_size, st.st_mtime_ns)
 
 
 @dataclass(frozen=True)
@@ -301,19 +266,9 @@ def build_model(arch: SAM2Arch, state_dict: Mapping[str, torch.Tensor], name: st
     with init_empty_weights(include_buffers=False):
         sam = instantiate(cfg.model, _recursive_=True)
     expected = sam.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    wrong = [k for k, v in expected.items() if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. '{missing[0]}')")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. '{unexpected[0]}')")
-        if wrong:
-            parts.append(f"{len(wrong)} of another shape (e.g. '{wrong[0]}')")
-        raise ModelFileError(f"every weight of {arch.label} ({arch.config_name})",
-                             f"{name} with {', '.join(parts)}",
+    report = weights.mismatch_report({k: v.shape for k, v in expected.items()}, state_dict)
+    if report:
+        raise ModelFileError(f"every weight of {arch.label} ({arch.config_name})", f"{name} with {report}",
                              "The file is incomplete or a modified model; use the original checkpoint.")
     sam.load_state_dict({k: state_dict[k] for k in expected}, strict=True, assign=True)
     return sam

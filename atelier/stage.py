@@ -63,6 +63,10 @@ STAGE_MODULES: dict[str, str] = {
     "vlm": "captioner",
     "bg_remover": "masker",
     "sam2": "segmenter",
+    "pose": "pose",
+    "depth": "depth",
+    "fastcomposer": "fastcomposer",
+    "character": "character",
 }
 
 

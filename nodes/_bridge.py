@@ -22,6 +22,7 @@ from ..atelier.errors import ModelFileError
 from ..atelier.registry import REGISTRY
 from ..atelier.stage import Stage
 from ..atelier.types import FluxFillFiles
+from ..atelier.weights import file_stamp
 
 log = logging.getLogger("atelier")
 
@@ -31,21 +32,37 @@ FluxFillPipe = io.Custom("ATELIER_FLUX_FILL")
 VLM = io.Custom("ATELIER_VLM")
 BgRemover = io.Custom("ATELIER_BG_REMOVER")
 SAM2 = io.Custom("ATELIER_SAM2")
+FastComposer = io.Custom("ATELIER_FASTCOMPOSER")
+Character = io.Custom("ATELIER_CHARACTER")
 
 
 def _register_folder(name: str, extensions: set[str]) -> None:
-    """Our own model folders under models/, with explicit extensions (a new key would otherwise match any file)."""
-    path = os.path.join(folder_paths.models_dir, name)
+    """Our model folders under models/, with explicit extensions (a new key would otherwise match any file).
+
+    A folder core already has (0.30 registers background_removal for its own RemoveBackground node, with the
+    torch extensions only) keeps core's paths (extra_model_paths.yaml included) and gets ours added; core's set
+    is shared with every other folder, so it is copied, never changed. Core lists the folder while it loads its own
+    nodes, before this pack, and keeps that list until the folder changes on disk: the list is dropped so the next
+    one includes our extensions (0.30: a u2netp.onnx already there at start was missing from the combo).
+    """
     if name in folder_paths.folder_names_and_paths:
         paths, exts = folder_paths.folder_names_and_paths[name]
-        folder_paths.folder_names_and_paths[name] = (paths, set(exts) | extensions)
+        if not extensions <= set(exts):
+            folder_paths.folder_names_and_paths[name] = (paths, set(exts) | extensions)
     else:
-        folder_paths.folder_names_and_paths[name] = ([path], extensions)
+        folder_paths.folder_names_and_paths[name] = ([os.path.join(folder_paths.models_dir, name)], set(extensions))
+    cache = getattr(folder_paths, "filename_list_cache", None)
+    if isinstance(cache, dict):
+        cache.pop(name, None)
 
 
 _register_folder("background_removal", {".onnx", ".safetensors", ".pth"})
 _register_folder("sam2", {".pt", ".safetensors"})
 _register_folder("LLM", {".safetensors", ".json"})
+_register_folder("pose", {".tflite"})
+_register_folder("depth", {".safetensors", ".json"})
+_register_folder("fastcomposer", {".bin", ".safetensors"})  # the released pytorch_model.bin (weights_only load)
+_register_folder("ipadapter", {".safetensors", ".bin"})  # h94's IP-Adapter files (no core folder)
 
 AUTO = "auto"
 DIFFUSERS_PREFIX = "diffusers/"
@@ -295,12 +312,11 @@ def bg_remover_path(name: str) -> str:
     return path
 
 
-def bg_remover_fingerprint(name: str):
-    """Size and mtime of the chosen file: replacing it under the same name reruns the loader."""
-    from ..atelier import masker
-
-    path = folder_paths.get_full_path("background_removal", name) if name else None
-    return (name, masker.file_stamp(path) if path else None)
+def model_fingerprint(folder: str, name: str):
+    """A loader's fingerprint: the chosen file's size and mtime in ``folder``, so that replacing the file under the
+    same name reruns the loader."""
+    path = folder_paths.get_full_path(folder, name) if name else None
+    return (name, file_stamp(path) if path else None)
 
 
 # ------------------------------------------------------------------------------------------------ SAM2
@@ -319,14 +335,51 @@ def sam2_path(name: str) -> str:
     return path
 
 
-def sam2_fingerprint(name: str):
-    """Size and mtime of the chosen checkpoint: replacing it under the same name reruns the loader."""
-    path = folder_paths.get_full_path("sam2", name) if name else None
-    try:
-        st = os.stat(path) if path else None
-    except OSError:
-        st = None
-    return (name, st.st_size, st.st_mtime_ns) if st else (name, None)
+# ------------------------------------------------------------------------------------- pose (BlazePose) and depth
+
+POSE_EXTENSION = ".tflite"
+
+
+def pose_choices() -> list[str]:
+    """The `model` combo of the pose nodes: BlazePose landmark models (.tflite named *landmark*) in models/pose;
+    every .tflite when none is named so."""
+    names = [n for n in folder_paths.get_filename_list("pose") if n.lower().endswith(POSE_EXTENSION)]
+    landmark = [n for n in names if "landmark" in Path(n).name.lower()]
+    return landmark or names
+
+
+def pose_spec(name: str):
+    """The pose stage's spec for the chosen landmark file (detector and segmenter found beside it or in any
+    models/pose folder)."""
+    from ..atelier import pose
+
+    path = folder_paths.get_full_path("pose", name) if name else None
+    if path is None:
+        roots = ", ".join(folder_paths.get_folder_paths("pose"))
+        raise ModelFileError(f"BlazePose's '{name}' in models/pose ({roots})", "no such file",
+                             "Put pose_landmark_full.tflite, pose_detection.tflite and selfie_segmentation.tflite "
+                             "there (python install.py --pose-models extracts them from PyPI's mediapipe==0.10.21) "
+                             "and refresh (R).")
+    return pose.make_spec(path, roots=folder_paths.get_folder_paths("pose"))
+
+
+def depth_choices() -> list[str]:
+    """The depth node's `model` combo: transformers depth-estimation folders under models/depth (2 levels deep)."""
+    from ..atelier import depth
+
+    return [name for name, _ in folders.find_model_folders(folder_paths.get_folder_paths("depth"),
+                                                             depth.is_depth_folder)]
+
+
+def depth_folder(name: str) -> str:
+    from ..atelier import depth
+
+    for found, path in folders.find_model_folders(folder_paths.get_folder_paths("depth"), depth.is_depth_folder):
+        if found == name:
+            return str(path)
+    raise ModelFileError(f"the depth model folder '{name}' under models/depth", "no such folder",
+                         "Put a Depth Anything V2 / DPT folder (config.json, model.safetensors, "
+                         "preprocessor_config.json) in models/depth, then refresh (R) and pick it.")
 
 
 # ------------------------------------------------------------------------------------------ VLM captioner
@@ -415,3 +468,158 @@ def ui_pngs(arrays, prefix: str, max_side: int | None = PREVIEW_MAX_SIDE) -> lis
         img.save(os.path.join(folder, name), compress_level=1)
         out.append({"filename": name, "subfolder": subfolder, "type": "temp"})
     return out
+
+
+# ------------------------------------------------------------------------------------------- FastComposer
+
+NONE = "none"
+
+
+def fastcomposer_choices() -> list[str]:
+    """The loader's `model` combo: .bin / .safetensors files under models/fastcomposer."""
+    return [n for n in folder_paths.get_filename_list("fastcomposer") if n.lower().endswith((".bin", ".safetensors"))]
+
+
+def sd15_base_choices() -> list[str]:
+    """The loader's `base` combo: none, or a .safetensors checkpoint in models/checkpoints (an SD1.5)."""
+    return [NONE] + [n for n in folder_paths.get_filename_list("checkpoints") if n.endswith(".safetensors")]
+
+
+def _file_path(folder: str, name: str, what: str, hint: str) -> str:
+    path = folder_paths.get_full_path(folder, name) if name else None
+    if path is None:
+        raise ModelFileError(f"{what} '{name}' in models/{folder}", "no such file", hint)
+    return path
+
+
+def fastcomposer_spec(model: str, base: str, **settings):
+    """The loader's inputs → a FastComposer spec (files resolved, ComfyUI's CLIP tokenizer, ComfyUI's device)."""
+    from ..atelier import fastcomposer
+
+    path = _file_path("fastcomposer", model, "the FastComposer checkpoint",
+                      "Put FastComposer's pytorch_model.bin in models/fastcomposer (renaming it is fine), refresh "
+                      "(R) and pick it.")
+    base_path = None if base in (None, "", NONE) else _file_path(
+        "checkpoints", base, "the SD1.5 checkpoint", "Refresh (R) and pick a file that exists, or none.")
+    return fastcomposer.make_spec(path, tokenizer_dirs()[0], base_path, device=device(), **settings)
+
+
+def fastcomposer_fingerprint(model: str, base: str | None):
+    """Size and mtime of the chosen files: replacing one under the same name reruns the loader."""
+    return (model_fingerprint("fastcomposer", model),
+            model_fingerprint("checkpoints", base if base and base != NONE else None))
+# ---------------------------------------------------------------------------------- realtime character (SD1.5)
+
+NONE = "none"
+FULL = "full"
+CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt")
+
+
+def _files(folder: str, extensions=(".safetensors",)) -> list[str]:
+    return [n for n in folder_paths.get_filename_list(folder) if n.lower().endswith(extensions)]
+
+
+def sd15_model_choices() -> list[str]:
+    """Checkpoints in models/checkpoints (SDXL files are refused when loading, with a clear error) and
+    SD1.5 diffusers folders (model_index.json naming a StableDiffusion pipeline) under models/diffusers."""
+    from ..atelier import sd15_files
+
+    return _files("checkpoints", CHECKPOINT_EXTENSIONS) + [
+        DIFFUSERS_PREFIX + name for name, path in _diffusers_folders()
+        if folders.diffusers_pipeline_class(path) in sd15_files.SD15_PIPELINES]
+
+
+def _named(found: list[tuple[str, Path]], name: str) -> str | None:
+    return next((str(path) for n, path in found if n == name), None)
+
+
+def sd15_model_path(choice: str) -> str:
+    path = (_named(_diffusers_folders(), choice[len(DIFFUSERS_PREFIX):]) if choice.startswith(DIFFUSERS_PREFIX)
+            else folder_paths.get_full_path("checkpoints", choice))
+    if path:
+        return path
+    raise ModelFileError(f"the SD1.5 model '{choice}' (models/checkpoints or models/diffusers)", "no such file",
+                         "Put an SD1.5 checkpoint in models/checkpoints, refresh (R) and pick it.")
+
+
+def _controlnet_folders() -> list[tuple[str, Path]]:
+    return folders.find_model_folders(folder_paths.get_folder_paths("controlnet"),
+                                      lambda p: (p / "config.json").is_file())
+
+
+def controlnet_choices() -> list[str]:
+    """ControlNet files (.safetensors / .pth) and diffusers ControlNet folders (config.json) in models/controlnet."""
+    folder_names = [name + "/" for name, _ in _controlnet_folders()]
+    files = [n for n in _files("controlnet", (".safetensors", ".pth"))
+             if not any(n.replace(os.sep, "/").startswith(f) for f in folder_names)]
+    return files + folder_names
+
+
+def controlnet_path(choice: str) -> str:
+    path = (_named(_controlnet_folders(), choice[:-1]) if choice.endswith("/")
+            else folder_paths.get_full_path("controlnet", choice))
+    if path:
+        return path
+    raise ModelFileError(f"the ControlNet '{choice}' in models/controlnet", "no such file or folder",
+                         "Put control_v11p_sd15_openpose in models/controlnet, refresh (R) and pick it.")
+
+
+def optional_file_choices(folder: str, first: str, extensions=(".safetensors",), contains: str = "") -> list[str]:
+    return [first] + [n for n in _files(folder, extensions) if contains in n.lower()]
+
+
+def optional_file_path(choice: str, folder: str, off: str) -> str | None:
+    if choice == off:
+        return None
+    path = folder_paths.get_full_path(folder, choice)
+    if path is None:
+        raise ModelFileError(f"'{choice}' in models/{folder}", "no such file", "Refresh (R) and pick a file that exists.")
+    return path
+
+
+def clip_vision_path(choice: str, ip_adapter: str | None) -> str | None:
+    """The CLIP vision file: the chosen one, or for ``auto`` the ViT-H (ViT-bigG for vit-G adapters) by name."""
+    if ip_adapter is None:
+        return None
+    if choice != AUTO:
+        return optional_file_path(choice, "clip_vision", AUTO)
+    bigg = "vit-g" in Path(ip_adapter).name.lower()
+    wanted = ("bigg", "vit-g") if bigg else ("vit-h", "h-14", "h14")
+    return _resolve_part(AUTO, "clip_vision", wanted, "CLIP vision (IP-Adapter image encoder)")
+
+
+def sd1_tokenizer() -> str:
+    return tokenizer_dirs()[0]
+
+
+def prompt_server_routes():
+    """aiohttp's RouteTableDef of ComfyUI's server, or None (no server: scripts, engine tests, other front ends)."""
+    try:
+        import server
+    except ImportError:
+        return None
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    return getattr(instance, "routes", None)
+
+
+def pose_function(name: str, min_confidence: float = 0.5):
+    """IMAGE → OpenPose maps with the pose stage (BlazePose, models/pose), or None when that stage is not
+    installed or ``name`` is empty / "none" (the frames are then used as pose maps as they are)."""
+    if not name or name == NONE or "pose_spec" not in globals():
+        return None
+    from ..atelier import pose as pose_engine
+
+    handle = pose_engine.make_handle(globals()["pose_spec"](name), None)
+
+    def run(image):
+        model = acquire(pose_engine.STAGE, handle)
+        maps, _, _ = pose_engine.pose_maps(model, image, min_confidence, "")
+        return maps
+
+    return run
+
+
+def live_pose_choices() -> list[str]:
+    """The pose models the live panel can use (empty without the pose stage)."""
+    choices = globals().get("pose_choices")
+    return list(choices()) if choices else []

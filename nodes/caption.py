@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
-from ..atelier import captioner
+from ..atelier import analysis, captioner, prompts
 from . import _bridge as bridge
 from . import _settings as settings
 from ._bridge import VLM
@@ -62,14 +62,14 @@ class AtelierCaption(io.ComfyNode):
                 VLM.Input("vlm", tooltip="From VLM Loader."),
                 io.Image.Input("image", tooltip="The picture(s) to look at; a batch gives one prompt per image "
                                                 "(output lists). Above 1 megapixel it is downscaled first."),
-                io.Combo.Input("task", options=list(captioner.TASKS), default="background_analysis",
+                io.Combo.Input("task", options=list(prompts.TASKS), default="background_analysis",
                                tooltip="background_analysis = JSON analysis + a scene-matching FLUX Fill prompt; "
                                        "caption = a detailed description; inpaint_prompt = a prompt that blends "
                                        "repainted parts into the picture; custom = ask 'instruction'."),
                 io.String.Input("instruction", multiline=True, default="",
                                 tooltip="Your question about the image, used by task 'custom' (ignored by the "
                                         "other tasks)."),
-                io.Combo.Input("language", options=list(captioner.LANGUAGES), default="en",
+                io.Combo.Input("language", options=list(prompts.LANGUAGES), default="en",
                                tooltip="Language of the reply (analysis keys stay English). FLUX understands "
                                        "English prompts best."),
                 io.Int.Input("max_new_tokens", default=512, min=1, max=8192,
@@ -92,20 +92,20 @@ class AtelierCaption(io.ComfyNode):
 
     @classmethod
     def execute(cls, vlm, image, task, instruction, language, max_new_tokens, seed, temperature) -> io.NodeOutput:
-        captioner.build_instruction(task, language, instruction)  # a bad task/instruction before loading
+        prompts.build_instruction(task, language, instruction)  # a bad task/instruction before loading
         with bridge.comfy_progress(max_new_tokens * image.shape[0]) as progress:
             model = bridge.acquire(captioner.STAGE, vlm)
             replies = captioner.caption(model, image, task, language=language, instruction=instruction,
                                         max_new_tokens=max_new_tokens, seed=seed, temperature=temperature,
                                         progress=progress)
-        prompts = [r.prompt for r in replies]
-        analyses = [captioner.analysis_json(r.analysis) for r in replies]
+        texts = [r.prompt for r in replies]
+        analyses = [analysis.analysis_json(r.analysis) for r in replies]
         shown = []
         for i, r in enumerate(replies):
             head = f"[{i + 1}/{len(replies)}] " if len(replies) > 1 else ""
             body = r.prompt if task != "background_analysis" else f"{r.prompt}\n\n{analyses[i]}"
             shown.append(head + body)
-        return io.NodeOutput(prompts, analyses, ui=ui.PreviewText("\n\n".join(shown)))
+        return io.NodeOutput(texts, analyses, ui=ui.PreviewText("\n\n".join(shown)))
 
 
 NODES = [AtelierVLMLoader, AtelierCaption]

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
 
 from comfy_api.latest import io
 
 from ..atelier import layer_files
 from ..atelier import layers as layered
 from ..atelier.errors import InputError
+from ..atelier.weights import file_stamp
 from . import _bridge as bridge
 from . import _settings as settings
 from ._bridge import Layered
@@ -199,8 +199,8 @@ class AtelierLoadLayers(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, file) -> str:
         try:
-            st = os.stat(layer_files.find_in_folder(bridge.input_dir(), file))
-            return f"{file}:{st.st_size}:{st.st_mtime_ns}"
+            size, mtime = file_stamp(layer_files.find_in_folder(bridge.input_dir(), file))
+            return f"{file}:{size}:{mtime}"
         except Exception:  # noqa: BLE001 - execute reports the problem
             return f"{file}:missing"
 

@@ -40,7 +40,7 @@ class AtelierBackgroundRemoverLoader(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, **kwargs):
-        return bridge.bg_remover_fingerprint(kwargs.get("model"))
+        return bridge.model_fingerprint("background_removal", kwargs.get("model"))
 
     @classmethod
     def execute(cls, model, dtype, device) -> io.NodeOutput:

@@ -10,9 +10,9 @@ import numpy as np
 from comfy_api.latest import io, ui
 
 from ..atelier import segmenter  # imports sam2 at the top: a missing package surfaces here
-from ..atelier.images import check_image
-from ..atelier.layer_files import to_uint8
+from ..atelier.images import check_image, to_uint8
 from ..atelier.types import DTYPES
+from ..atelier.weights import file_stamp
 from . import _bridge as bridge
 from ._bridge import SAM2
 
@@ -34,7 +34,7 @@ def editor_preview(image, masks, n_objects: int, prompts: tuple) -> dict:
     for k, m in enumerate(objects):
         overlay[m, :3] = OVERLAY_COLORS[k % len(OVERLAY_COLORS)]
         overlay[m, 3] = OVERLAY_ALPHA
-    rgb = to_uint8(image[0, ..., :3].float().cpu().numpy())
+    rgb = to_uint8(image[0, ..., :3])
     picture, shade = bridge.ui_pngs([rgb, overlay], "atelier_sam2/editor")
     texts = [p if isinstance(p, str) else json.dumps(p) for p in prompts]
     return {"atelier_sam2": [{"image": picture, "overlay": shade, "width": width, "height": height,
@@ -63,12 +63,12 @@ class AtelierSAM2Loader(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, **kwargs):
-        return bridge.sam2_fingerprint(kwargs.get("model"))
+        return bridge.model_fingerprint("sam2", kwargs.get("model"))
 
     @classmethod
     def execute(cls, model, dtype) -> io.NodeOutput:
         path = bridge.sam2_path(model)
-        spec = segmenter.SAM2Spec(path=path, dtype=dtype, device=bridge.device(), stamp=segmenter.file_stamp(path))
+        spec = segmenter.SAM2Spec(path=path, dtype=dtype, device=bridge.device(), stamp=file_stamp(path))
         handle, text = bridge.load_stage(segmenter.STAGE, spec)
         return io.NodeOutput(handle, ui=ui.PreviewText(text))
 

@@ -6,7 +6,8 @@ pytest plugin (the repository root is on sys.path through pytest.ini's `pythonpa
 * tests.harness.comfy_fixtures: one real ComfyUI server per test process with the pack, its client, websocket,
   log and the tiny FLUX in its models/ tree (tests/comfy, tests/compat, tests/browser);
 * tests.harness.browser_fixtures: headless Chromium, a page on the server, screenshots, the uploaded inputs
-  (tests/browser).
+  (tests/browser);
+* tests.harness.batch_fixtures: a local Ray cluster and CPU servers for the batch runner (tests/batch).
 
 Session fixtures are built only when a test asks for them: `pytest tests/engine` never boots ComfyUI.
 Markers by folder: tests under tests/browser are marked `browser`; tests marked `gpu` are skipped without CUDA.
@@ -21,6 +22,7 @@ pytest_plugins = [
     "tests.harness.engine_fixtures",
     "tests.harness.comfy_fixtures",
     "tests.harness.browser_fixtures",
+    "tests.harness.batch_fixtures",
 ]
 
 BROWSER_DIR = Path(__file__).resolve().parent / "browser"

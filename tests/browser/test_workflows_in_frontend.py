@@ -48,7 +48,7 @@ DOCS_IMG = REPO_ROOT / "docs" / "img"
 README_WIDTH = 900  # px: README pictures are kept small
 # Widgets a frontend extension adds for display that still travel in the prompt (the server ignores them):
 # PreviewAny's text box ("preview", the text shown after a run). The API twins leave them out.
-FRONTEND_ONLY_INPUTS = {("PreviewAny", "preview")}
+FRONTEND_ONLY_INPUTS = {("PreviewAny", "preview"), ("LoadVideo", "video-preview")}
 
 
 # ---------------------------------------------------------------------------------------------- fixtures

@@ -95,7 +95,7 @@ def reference(folder: Path, kind: str, rgb: np.ndarray, task: str, max_new_token
     import torch
     import transformers
 
-    from atelier.captioner import build_messages
+    from atelier.prompts import build_messages
 
     if kind not in _REFERENCES:
         model = getattr(transformers, tiny_vlm.CLASSES[kind][0]).from_pretrained(folder, local_files_only=True)
@@ -143,7 +143,7 @@ def test_schema_matches_the_public_contract(client, tiny_vlms, broken_vlm):
 
 
 def check_caption_parity(client, tiny_vlms, pictures, kind):
-    from atelier.captioner import clean_reply
+    from atelier.analysis import clean_reply
 
     name, rgb = pictures[0]
     entry = client.run(caption_prompt(choice(kind), name, max_new_tokens=16))
@@ -197,7 +197,8 @@ def test_qwen2_5_vl_caption_equals_model_generate(client, tiny_vlms, pictures):
 
 
 def test_background_analysis_gives_json_with_every_key(client, tiny_vlms, pictures):
-    from atelier.captioner import analysis_prompt, parse_analysis
+    from atelier.analysis import parse_analysis
+    from atelier.prompts import analysis_prompt
 
     name, rgb = pictures[0]
     entry = client.run(caption_prompt(choice("qwen2_5_vl"), name, task="background_analysis", max_new_tokens=16))

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.harness.comfy_server import ComfyClient
+from tests.harness.comfy_server import ComfyClient, PromptRejected
 
 W, H = 48, 32  # multiples of 16: the node pads nothing, so the reference sees the same tensors
 
@@ -85,6 +85,15 @@ def run_error(client: ComfyClient, prompt: dict) -> str:
     msg = ComfyClient.error_message(entry)
     assert msg is not None, "expected the prompt to fail"
     return msg
+
+
+def combo_error(client: ComfyClient, prompt: dict) -> str:
+    """A combo value outside its options: 0.3.75 does not check V3 combos, so the node's own error must say it;
+    0.30 rejects the prompt first ("Value not in list"). The message, either way."""
+    try:
+        return run_error(client, prompt)
+    except PromptRejected as e:
+        return str(e)
 
 
 # ------------------------------------------------------------------------------------------------ schema
@@ -316,16 +325,18 @@ def test_folder_of_another_pipeline_is_not_offered_and_is_a_clear_error(client, 
     options = client.object_info("AtelierFluxFillLoader")["input"]["required"]["model"][1]["options"]
     assert "diffusers/flux-dev-not-fill" not in options
     name, _, _ = example
-    # this ComfyUI does not check V3 combo values against their options, so the loader itself must say it
-    msg = run_error(client, inpaint_prompt("diffusers/flux-dev-not-fill", name))
-    assert "a FluxFillPipeline folder; got a FluxPipeline folder ('flux-dev-not-fill')" in msg
+    # 0.3.75 does not check V3 combo values against their options, so the loader itself must say it
+    msg = combo_error(client, inpaint_prompt("diffusers/flux-dev-not-fill", name))
+    assert ("a FluxFillPipeline folder; got a FluxPipeline folder ('flux-dev-not-fill')" in msg
+            or "Value not in list: model: 'diffusers/flux-dev-not-fill' not in" in msg), msg
     assert comfy_server.alive()
 
 
 def test_unknown_setting_value_is_a_clear_error(client, tiny_flux, example):
     name, _, _ = example
-    msg = run_error(client, inpaint_prompt(tiny_flux["choice_diffusers"], name, loader_kw={"offload": "gpu"}))
-    assert "offload one of auto, none, model, sequential" in msg
+    msg = combo_error(client, inpaint_prompt(tiny_flux["choice_diffusers"], name, loader_kw={"offload": "gpu"}))
+    assert ("offload one of auto, none, model, sequential" in msg
+            or "Value not in list: offload: 'gpu' not in ['auto', 'none', 'model', 'sequential']" in msg), msg
 
 
 def test_a_seed_of_the_full_64_bit_range_is_accepted(client, tiny_flux, example):

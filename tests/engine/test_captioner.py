@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from atelier import captioner
-from atelier.captioner import analysis_prompt, clean_reply, parse_analysis
+from atelier import analysis, captioner, prompts
+from atelier.analysis import clean_reply, parse_analysis
 from atelier.errors import InputError, ModelFileError, SettingError
 from atelier.progress import NullProgress
+from atelier.prompts import analysis_prompt
 from tests.harness import tiny_vlm
 
 KEYS = ["scene", "lighting", "light_direction", "palette", "mood", "camera", "placement", "found"]
@@ -68,7 +69,7 @@ def test_a_reply_cut_off_at_max_new_tokens_keeps_the_complete_fields():
     a = parse_analysis(cut)
     assert a["scene"] == "A sunlit kitchen with a wooden table." and a["palette"] == ["honey brown", "cream", "#2E5E4E"]
     assert a["mood"] == "" and "mood" not in a["found"]  # the half-written value is dropped, not kept as "co"
-    assert a["placement"] == captioner.DEFAULT_PLACEMENT and "placement" not in a["found"]
+    assert a["placement"] == analysis.DEFAULT_PLACEMENT and "placement" not in a["found"]
     b = parse_analysis('{"scene": "a kitchen", "palette": ["red", "ye')
     assert b["palette"] == ["red"]
 
@@ -119,13 +120,13 @@ def test_placement_forms_are_normalised_to_fractions(placement, expected):
 def test_pixel_placements_and_nonsense_fall_back_to_the_default_region():
     for bad in ('{"x": 640, "y": 300, "w": 200, "h": 400}', '"left side"', "[1, 2]", "null", '{"x": true}'):
         a = parse_analysis('{"mood": "calm", "placement": %s}' % bad)
-        assert a["placement"] == captioner.DEFAULT_PLACEMENT and a["found"] == ["mood"], bad
+        assert a["placement"] == analysis.DEFAULT_PLACEMENT and a["found"] == ["mood"], bad
 
 
 def test_a_reply_with_no_field_keeps_its_text_as_the_scene():
     a = parse_analysis("A quiet street after the rain, reflections everywhere.")
     assert a["found"] == [] and a["scene"] == "A quiet street after the rain, reflections everywhere."
-    assert a["palette"] == [] and a["placement"] == captioner.DEFAULT_PLACEMENT
+    assert a["palette"] == [] and a["placement"] == analysis.DEFAULT_PLACEMENT
     for empty in ("", None, "   "):
         e = parse_analysis(empty)
         assert list(e) == KEYS and e["found"] == [] and e["scene"] == ""
@@ -138,8 +139,8 @@ def test_korean_values_and_keys():
     assert a["scene"] == "햇살이 드는 부엌" and a["palette"] == ["갈색", "크림색"] and len(a["found"]) == 7
     b = parse_analysis("조명: 부드러운 빛\n분위기: 차분함\n색감: 회색, 초록")
     assert b["lighting"] == "부드러운 빛" and b["mood"] == "차분함" and b["palette"] == ["회색", "초록"]
-    assert json.loads(captioner.analysis_json(a))["scene"] == "햇살이 드는 부엌"  # readable, not \\u escapes
-    assert "햇살" in captioner.analysis_json(a)
+    assert json.loads(analysis.analysis_json(a))["scene"] == "햇살이 드는 부엌"  # readable, not \\u escapes
+    assert "햇살" in analysis.analysis_json(a)
 
 
 def test_parse_analysis_never_raises_on_junk():
@@ -186,26 +187,26 @@ def test_clean_reply():
 @pytest.mark.parametrize("task", ["background_analysis", "caption", "inpaint_prompt"])
 @pytest.mark.parametrize("language", ["en", "ko"])
 def test_every_task_has_an_instruction_in_each_language(task, language):
-    text = captioner.build_instruction(task, language)
+    text = prompts.build_instruction(task, language)
     assert len(text) > 40
     korean = any("\uac00" <= ch <= "\ud7a3" for ch in text)
     assert korean == (language == "ko")
     if task == "background_analysis":  # the JSON keys stay English in both languages
         for key in ("scene", "lighting", "light_direction", "palette", "mood", "camera", "placement"):
             assert f'"{key}"' in text
-    msgs = captioner.build_messages(task, language)
+    msgs = prompts.build_messages(task, language)
     assert msgs == [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
 
 
 def test_custom_asks_the_instruction_and_needs_one():
-    assert captioner.build_instruction("custom", "en", "  How many chairs?  ") == "How many chairs?\nAnswer in English."
-    assert captioner.build_instruction("custom", "ko", "의자가 몇 개?").endswith("한국어로 답하세요.")
+    assert prompts.build_instruction("custom", "en", "  How many chairs?  ") == "How many chairs?\nAnswer in English."
+    assert prompts.build_instruction("custom", "ko", "의자가 몇 개?").endswith("한국어로 답하세요.")
     with pytest.raises(InputError, match="an instruction for task 'custom'"):
-        captioner.build_instruction("custom", "en", "   ")
+        prompts.build_instruction("custom", "en", "   ")
     with pytest.raises(InputError, match="task one of background_analysis, caption, inpaint_prompt, custom"):
-        captioner.build_instruction("poem", "en")
+        prompts.build_instruction("poem", "en")
     with pytest.raises(InputError, match="language en or ko"):
-        captioner.build_instruction("caption", "fr")
+        prompts.build_instruction("caption", "fr")
 
 
 # ------------------------------------------------------------------------------------------ tiny models
@@ -244,10 +245,10 @@ def image_batch(n: int = 1, h: int = 40, w: int = 60, seed: int = 0) -> torch.Te
 
 def test_the_folder_template_renders_the_image_slot_and_matches_qwen_format(loaded):
     for vlm in loaded.values():
-        msgs = captioner.build_messages("caption", "en")
-        text = captioner.render_chat(vlm.processor, msgs)
+        msgs = prompts.build_messages("caption", "en")
+        text = prompts.render_chat(vlm.processor, msgs)
         assert "<|vision_start|><|image_pad|><|vision_end|>" in text and text.endswith("<|im_start|>assistant\n")
-        assert text == captioner.fallback_chat(msgs)
+        assert text == prompts.fallback_chat(msgs)
 
 
 @pytest.mark.parametrize("kind", tiny_vlm.KINDS)
@@ -260,7 +261,7 @@ def test_greedy_generation_equals_model_generate(loaded, references, kind, task)
     [reply] = captioner.caption(vlm, images, task, max_new_tokens=12, progress=progress)
 
     pil = captioner.to_pil(images[0])
-    text = processor.apply_chat_template(captioner.build_messages(task, "en"), tokenize=False,
+    text = processor.apply_chat_template(prompts.build_messages(task, "en"), tokenize=False,
                                          add_generation_prompt=True)
     inputs = processor(text=[text], images=[pil], return_tensors="pt")
     with torch.inference_mode():
@@ -289,7 +290,7 @@ def test_qwen3_vl_loads_and_equals_model_generate(tmp_path_factory):
         vlm.close()
     model = transformers.Qwen3VLForConditionalGeneration.from_pretrained(folder, local_files_only=True).eval()
     processor = transformers.AutoProcessor.from_pretrained(folder, local_files_only=True)
-    text = processor.apply_chat_template(captioner.build_messages("inpaint_prompt"), tokenize=False,
+    text = processor.apply_chat_template(prompts.build_messages("inpaint_prompt"), tokenize=False,
                                          add_generation_prompt=True)
     inputs = processor(text=[text], images=[captioner.to_pil(images[0])], return_tensors="pt")
     with torch.inference_mode():
@@ -447,3 +448,13 @@ def test_the_loaded_model_honours_the_registry_contract(loaded):
     vlm.close()  # twice is fine
     with pytest.raises(SettingError, match="one that was released"):
         captioner.generate(vlm, captioner.to_pil(image_batch(1)[0]), "caption")
+
+
+def test_every_language_row_asks_every_task_and_glues_an_analysis():
+    assert prompts.LANGUAGES == ("en", "ko")  # the node's combo, in this order
+    for language, row in prompts.PROMPTS.items():
+        assert set(row.instructions) == set(prompts.TASKS) - {"custom"}, language
+        for glue in (row.light, row.light_from, row.mood, row.palette):
+            assert glue.count("{}") == 1, (language, glue)
+    ko = analysis_prompt({"lighting": "따뜻한", "palette": ["빨강", "파랑"], "mood": "알 수 없음"}, "ko")
+    assert ko == "따뜻한 조명, 색감: 빨강, 파랑"

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from atelier import flux_files
+from atelier import flux_files, weights
 from atelier.errors import ModelFileError
 
 
@@ -109,6 +109,21 @@ def test_bfl_to_diffusers_strips_comfyuis_prefix(tiny_dir, single_files):
     _assert_same_state(flux_files.bfl_to_diffusers(bfl), _diffusers_transformer_sd(tiny_dir))
 
 
+def test_comfyui_030_norm_names_read_like_bfls(tiny_dir, single_files, tmp_path):
+    """ComfyUI 0.30 saves the q/k norms as `…_norm.weight` (BFL: `…_norm.scale`); both load to the same weights."""
+    bfl = load_file(single_files["transformer"])
+    swap = {"scale": "weight", "weight": "scale"}
+    renamed = {}
+    for k, v in bfl.items():
+        stem, _, end = k.rpartition(".")
+        renamed[f"{stem}.{swap[end]}" if stem.endswith(("query_norm", "key_norm")) else k] = v
+    assert renamed.keys() != bfl.keys()
+    _assert_same_state(flux_files.bfl_to_diffusers(renamed), _diffusers_transformer_sd(tiny_dir))
+    save_file(renamed, tmp_path / "renamed.safetensors")
+    assert flux_files.flux_transformer_config(tmp_path / "renamed.safetensors") == \
+        flux_files.flux_transformer_config(single_files["transformer"])
+
+
 # ------------------------------------------------------------------------------------------- recognising
 
 
@@ -147,7 +162,7 @@ def test_a_file_that_is_not_safetensors_is_not_a_fill_file(tmp_path):
 
 
 def test_read_safetensors_header_lists_every_tensor_with_its_shape(single_files):
-    header = flux_files.read_safetensors_header(single_files["transformer"])
+    header = weights.read_safetensors_header(single_files["transformer"])
     tensors = load_file(single_files["transformer"])
     assert set(header) == set(tensors)
     for k, t in tensors.items():
@@ -161,7 +176,7 @@ def test_read_safetensors_header_on_a_truncated_header_is_a_model_file_error(sin
         part = tmp_path / f"cut{cut}.safetensors"
         part.write_bytes(data[:cut])
         with pytest.raises(ModelFileError) as e:
-            flux_files.read_safetensors_header(part)
+            weights.read_safetensors_header(part)
         assert part.name in str(e.value)
         assert "download" in e.value.fix.lower()
 
@@ -172,7 +187,7 @@ def test_read_safetensors_header_on_a_file_cut_in_its_tensor_data_is_a_model_fil
     part = tmp_path / "partial-download.safetensors"
     part.write_bytes(data[: 8 + n + (len(data) - 8 - n) // 2])
     with pytest.raises(ModelFileError):
-        flux_files.read_safetensors_header(part)
+        weights.read_safetensors_header(part)
 
 
 # ------------------------------------------------------------------------------------------ diffusers folder

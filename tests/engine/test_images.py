@@ -243,3 +243,16 @@ def test_composite_keeps_the_originals_dtype():
     out = composite(original, generated, mask)
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, generated.double())
+
+
+def test_to_uint8_gives_back_the_bytes_of_an_8_bit_picture_from_tensors_and_arrays():
+    import numpy as np
+
+    from atelier.images import to_uint8
+
+    values = np.arange(256, dtype=np.uint8)
+    as_float = torch.from_numpy(values.astype(np.float32) / 255.0)  # what LoadImage makes of 8-bit pixels
+    assert np.array_equal(to_uint8(as_float), values)
+    assert np.array_equal(to_uint8(as_float.numpy()), values)
+    assert np.array_equal(to_uint8(as_float.to(torch.bfloat16)[[0, 255]]), np.array([0, 255], np.uint8))
+    assert to_uint8(np.array([-0.5, 1.5, 0.5 / 255])).tolist() == [0, 255, 0]  # clipped; half rounds to even

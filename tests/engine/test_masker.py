@@ -283,3 +283,38 @@ def test_damaged_checkpoint_is_a_clear_error(tmp_path, stub_birefnet):
     ckpt.write_bytes(b"\x00" * 64)
     with pytest.raises(ModelFileError, match=r"readable checkpoint in 'BiRefNet\.safetensors'"):
         masker.load(masker.make_handle(masker.make_spec(str(ckpt))))
+
+
+# ------------------------------------------------------------------------------------ extension points (tables)
+
+
+def test_a_new_onnx_family_is_one_row(monkeypatch):
+    row = masker.Family("toy", "Toy remover", 512, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), False, "toy",
+                        names=((5, r"toynet"),), hint="toynet (Toy)", graph=(5, lambda g: g.input_name == "toy_in"))
+    monkeypatch.setitem(masker.FAMILIES, "toy", row)
+    assert masker.family_from_name("ToyNet-v2.onnx") == "toy"
+    assert masker.family_from_graph("toy_in", [1, 3, 512, 512], 1) == "toy"
+    assert masker.name_hint().endswith("toynet (Toy)")
+    # the rows already there keep their order of precedence
+    assert masker.family_from_name("BiRefNet-DIS5K.onnx") == "birefnet"
+    assert masker.family_from_name("briaai-RMBG-1.4.onnx") == "isnet-general"
+
+
+def test_a_second_torch_architecture_is_one_row(tmp_path, monkeypatch, stub_birefnet):
+    other = types.ModuleType(f"{masker.__package__}.toyarch")
+    other.recognise = lambda keys: set(keys) == {"toy.weight"}
+    other.build = lambda state: torch.nn.Identity()
+    monkeypatch.setitem(sys.modules, other.__name__, other)
+    monkeypatch.setitem(masker.FAMILIES, "toy", masker.Family("toy", "Toy", 64, (0.0,) * 3, (1.0,) * 3, True, "-"))
+    monkeypatch.setitem(masker.TORCH_ARCHS, "toy", masker.TorchArch(
+        "toy", "toyarch", "recognise", "build", lambda module, image, res, device, dtype: image[..., 0] * 0 + 0.25,
+        "Toy", "toy.safetensors", "toy.onnx"))
+    ckpt = tmp_path / "toy.safetensors"
+    _write_checkpoint(ckpt, {"toy.weight": torch.zeros(1)})
+    model = masker.load(masker.make_handle(masker.make_spec(str(ckpt))))
+    assert model.family.key == "toy" and model.resolution == 64
+    assert torch.equal(masker.remove(model, torch.rand(1, 8, 8, 3))[1], torch.full((1, 8, 8), 0.25))
+    unknown = tmp_path / "unknown.safetensors"
+    _write_checkpoint(unknown, {"x.weight": torch.zeros(1)})
+    with pytest.raises(ModelFileError, match="BiRefNet / RMBG-2.0 or Toy checkpoint"):
+        masker.load(masker.make_handle(masker.make_spec(str(unknown))))

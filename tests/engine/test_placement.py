@@ -165,3 +165,10 @@ def test_batches_broadcast_one_object_over_backgrounds():
     assert torch.equal(placed[0], placed[1])
     with pytest.raises(InputError, match="background batch of 1 or 3; got a batch of 2"):
         placement.place(bgs, torch.cat([obj] * 3), torch.cat([mask] * 3), x=0.5, y=0.8, scale=0.3)
+
+
+def test_the_region_is_read_under_every_key_the_analysis_parser_knows():
+    region = {"x": 0.1, "y": 0.2, "w": 0.3, "h": 0.4}
+    for key in ("placement", "Placement", "bbox", "suggested_region", "배치"):
+        assert placement.region_from_analysis(json.dumps({key: region})) == (0.1, 0.2, 0.3, 0.4), key
+    assert placement.region_from_analysis(json.dumps({"lighting": region})) is None  # another key of the analysis

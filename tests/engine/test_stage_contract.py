@@ -13,6 +13,7 @@ from atelier import stage as stage_mod
 from atelier.registry import REGISTRY
 from atelier.stage import STAGE_MODULES, Stage, stage_of
 from atelier.types import FluxFillFiles, FluxFillSpec
+from atelier.weights import file_stamp
 from tests.harness import real_weights, tiny_layered, tiny_vlm
 
 
@@ -38,7 +39,28 @@ def _spec(group: str, base: Path, tiny_dir: Path):
         from tests.harness import tiny_sam2
 
         path = tiny_sam2.write_checkpoints(base / "contract-sam2")["pt"]
-        return segmenter.SAM2Spec(path=str(path), stamp=segmenter.file_stamp(path))
+        return segmenter.SAM2Spec(path=str(path), stamp=file_stamp(path))
+    if group == "pose":
+        pose = pytest.importorskip("atelier.pose", reason="ai-edge-litert is not installed", exc_type=ImportError)
+        return pose.make_spec(str(real_weights.blazepose_dir() / pose.LANDMARK_NAME))
+    if group == "depth":
+        from atelier.depth import DepthSpec
+        from tests.harness import tiny_depth
+
+        return DepthSpec(path=str(tiny_depth.build_depth_anything(base / "contract-depth")))
+    if group == "fastcomposer":
+        from atelier import fastcomposer
+        from tests.harness import tiny_fastcomposer
+
+        path = tiny_fastcomposer.shared_folder(base)["checkpoint"]
+        return fastcomposer.make_spec(str(path), str(tiny_fastcomposer.tokenizer_dir()))
+    if group == "character":
+        from atelier.character import CharacterSpec
+        from tests.harness import tiny_character
+
+        t = tiny_character.build(base / "tiny-character")
+        return CharacterSpec(model=str(t["sd15"]), controlnet=str(t["controlnet"]),
+                             tokenizer=tiny_character.tokenizer_dir())
     raise AssertionError(f"no tiny model for the stage {group!r}: add one here when adding the stage")
 
 

@@ -9,7 +9,7 @@ import gc
 import pytest
 import torch
 
-from atelier import captioner
+from atelier import captioner, prompts
 from tests.harness import tiny_vlm
 
 pytestmark = pytest.mark.gpu
@@ -68,7 +68,7 @@ def test_fp32_gpu_equals_model_generate(vlm_dir):
         vlm.close()
     model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(vlm_dir, dtype=torch.float32).cuda()
     processor = transformers.AutoProcessor.from_pretrained(vlm_dir)
-    text = processor.apply_chat_template(captioner.build_messages("background_analysis"), tokenize=False,
+    text = processor.apply_chat_template(prompts.build_messages("background_analysis"), tokenize=False,
                                          add_generation_prompt=True)
     inputs = processor(text=[text], images=[captioner.to_pil(_image(3)[0])], return_tensors="pt").to("cuda")
     with torch.inference_mode():

@@ -25,7 +25,8 @@ from tests.harness.comfy_server import (
 log = logging.getLogger("atelier.tests.comfy")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-MODEL_FOLDERS = ("diffusers", "diffusion_models", "text_encoders", "vae", "loras", "LLM", "sam2", "background_removal")
+MODEL_FOLDERS = ("diffusers", "diffusion_models", "text_encoders", "vae", "loras", "LLM", "sam2", "background_removal",
+                 "fastcomposer", "checkpoints", "pose", "depth")
 TINY_DIFFUSERS_NAME = "flux-fill-tiny"
 
 

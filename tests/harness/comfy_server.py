@@ -56,14 +56,42 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ATELIER_CACHE") or Path.home() / ".cache" / "atelier").expanduser()
 
 
+# The ComfyUI versions .ci/setup_env.sh installs: version -> (tree, venv) under $ATELIER_CACHE. CI runs the API and
+# browser tiers on each (.ci/test); ATELIER_COMFY_VERSION picks one (default: the first).
+COMFY_VERSIONS = {"0.3.75": ("comfyui", "venv"), "0.30.0": ("comfyui-0.30.0", "venv-0.30.0")}
+DEFAULT_VERSION = "0.3.75"
+
+
+def comfy_version() -> str:
+    """$ATELIER_COMFY_VERSION (one of COMFY_VERSIONS), default 0.3.75."""
+    version = os.environ.get("ATELIER_COMFY_VERSION") or DEFAULT_VERSION
+    if version not in COMFY_VERSIONS:
+        raise ComfyUINotInstalled(f"ATELIER_COMFY_VERSION={version!r}: expected one of {sorted(COMFY_VERSIONS)}")
+    return version
+
+
 def comfy_root() -> Path:
-    """The ComfyUI tree: $ATELIER_COMFYUI, else $ATELIER_CACHE/comfyui (default ~/.cache/atelier/comfyui)."""
+    """The ComfyUI tree: $ATELIER_COMFYUI, else the tree of $ATELIER_COMFY_VERSION under $ATELIER_CACHE
+    (default ~/.cache/atelier/comfyui, 0.3.75; ~/.cache/atelier/comfyui-0.30.0 for 0.30.0)."""
     env = os.environ.get("ATELIER_COMFYUI")
-    root = Path(env).expanduser() if env else cache_dir() / "comfyui"
+    root = Path(env).expanduser() if env else cache_dir() / COMFY_VERSIONS[comfy_version()][0]
     if not (root / "main.py").is_file():
-        src = "$ATELIER_COMFYUI" if env else "$ATELIER_CACHE/comfyui"
+        src = "$ATELIER_COMFYUI" if env else f"$ATELIER_CACHE, ComfyUI {comfy_version()}"
         raise ComfyUINotInstalled(f"no ComfyUI tree at {root} (from {src}): {SETUP_HINT}")
     return root
+
+
+def comfy_python() -> str:
+    """The Python that runs the server: $ATELIER_COMFY_PYTHON, else the venv of an explicitly chosen
+    $ATELIER_COMFY_VERSION when it exists (each version has its own requirements), else this process's Python."""
+    env = os.environ.get("ATELIER_COMFY_PYTHON")
+    if env:
+        return env
+    if os.environ.get("ATELIER_COMFY_VERSION") and not os.environ.get("ATELIER_COMFYUI"):
+        venv_python = cache_dir() / COMFY_VERSIONS[comfy_version()][1] / "bin" / "python"
+        if venv_python.is_file():
+            return str(venv_python)
+    return sys.executable
 
 
 _COMFY_MODULES: dict = {}  # ComfyUI's comfy.* modules that import_comfy imported, kept out of sys.modules
@@ -105,17 +133,11 @@ def free_port() -> int:
 
 
 def load_api_workflow(path: Union[str, Path]) -> dict:
-    """Read an API-format workflow ({node_id: {"class_type", "inputs"}}), rejecting UI-format documents."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    if isinstance(data, dict) and "prompt" in data and isinstance(data["prompt"], dict) and "nodes" not in data:
-        data = data["prompt"]  # a saved POST /prompt body
-    if not isinstance(data, dict) or "nodes" in data and "links" in data:
-        raise ValueError(f"{path}: not an API-format workflow (UI/litegraph documents need the frontend to convert)")
-    for node_id, node in data.items():
-        if not isinstance(node, dict) or "class_type" not in node:
-            raise ValueError(f"{path}: node {node_id!r} has no class_type; not an API-format workflow")
-        node.setdefault("inputs", {})
-    return data
+    """Read an API-format workflow ({node_id: {"class_type", "inputs"}}), rejecting UI-format documents (the batch
+    runner's reader: one home for the rule; raises a ValueError)."""
+    from atelier.batch.table import load_workflow
+
+    return load_workflow(path)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -131,11 +153,13 @@ class ComfyServer:
 
     SUBDIRS = ("custom_nodes", "models", "input", "output", "temp", "user")
 
-    def __init__(self, base_dir: Union[str, Path], pack_dir: Union[str, Path], port: Optional[int] = None,
+    def __init__(self, base_dir: Union[str, Path], pack_dir: Optional[Union[str, Path]], port: Optional[int] = None,
                  extra_args: Iterable[str] = (), pack_name: str = "atelier", env: Optional[dict] = None,
-                 cpu: bool = True):
+                 cpu: bool = True, comfy_dir: Optional[Union[str, Path]] = None, python: Optional[str] = None):
         self.base_dir = Path(base_dir).resolve()
-        self.pack_dir = Path(pack_dir).resolve()
+        self.pack_dir = Path(pack_dir).resolve() if pack_dir is not None else None  # None: custom_nodes as it is
+        self.comfy_dir = Path(comfy_dir) if comfy_dir is not None else None  # default comfy_root()
+        self.python = python  # default comfy_python()
         self.port = port
         self.extra_args = list(extra_args)
         self.pack_name = pack_name
@@ -173,6 +197,8 @@ class ComfyServer:
     def _prepare_dirs(self) -> None:
         for sub in self.SUBDIRS:
             (self.base_dir / sub).mkdir(parents=True, exist_ok=True)
+        if self.pack_dir is None:
+            return
         link = self.pack_link
         if link.is_symlink() or link.exists():
             if link.is_symlink() and link.resolve() == self.pack_dir:
@@ -184,7 +210,7 @@ class ComfyServer:
         link.symlink_to(self.pack_dir, target_is_directory=True)
 
     def command(self) -> list:
-        cmd = [sys.executable, "main.py", *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1",
+        cmd = [self.python or comfy_python(), "main.py", *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1",
                "--port", str(self.port), "--base-directory", str(self.base_dir), "--disable-auto-launch"]
         if not any(a == "--database-url" or a.startswith("--database-url=") for a in self.extra_args):
             # ComfyUI's default database lives in <comfy tree>/user/ whatever --base-directory says (and that
@@ -195,7 +221,7 @@ class ComfyServer:
     def start(self, timeout: float = 180) -> "ComfyServer":
         if self.proc is not None and self.proc.poll() is None:
             return self
-        root = comfy_root()
+        root = self.comfy_dir or comfy_root()
         self._prepare_dirs()
         if self.port is None:
             self.port = free_port()

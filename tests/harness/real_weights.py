@@ -65,11 +65,9 @@ def weights_dir() -> Path:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+    from atelier.batch.table import file_digest  # one streaming sha256 helper (pure stdlib)
+
+    return file_digest(path)
 
 
 @contextlib.contextmanager
@@ -190,6 +188,25 @@ def _assemble(tarball: Path, key: str, out: Path, sha: str, size: int) -> None:
             part.unlink()
             raise WeightsUnavailable(f"{key} assembled to {got_size} bytes (expected {size}) or another sha256")
         os.replace(part, out)
+
+
+# ------------------------------------------------------------------------------------------------ BlazePose
+
+
+def blazepose_dir() -> Path:
+    """$ATELIER_CACHE/pose with BlazePose's three .tflite files (sha256 checked), put there by .ci/setup_env.sh:
+    ``python install.py --pose-models --dest $ATELIER_CACHE/pose`` pip-downloads mediapipe==0.10.21 and extracts
+    them. Tests only read them."""
+    import importlib.util
+
+    folder = cache_dir() / "pose"
+    spec = importlib.util.spec_from_file_location("atelier_install", Path(__file__).resolve().parents[2] / "install.py")
+    install = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(install)
+    if not install.pose_models_present(folder):
+        raise WeightsUnavailable(f"BlazePose's .tflite files are not in {folder}: run bash .ci/setup_env.sh (or "
+                                 f"python install.py --pose-models --dest {folder})")
+    return folder
 
 
 # ------------------------------------------------------------------------------------------- test images

@@ -21,6 +21,54 @@ import numpy as np
 VLM_CHOICE = "tiny-qwen2_5_vl"  # the folder tests/comfy builds too (reused when it exists)
 LAYERED_CHOICE = "Qwen-Image-Layered-tiny"
 U2NETP = "u2netp.onnx"  # the workflows' own choice: the real file, no swap needed
+POSE_LANDMARK = "pose_landmark_full.tflite"  # real BlazePose files (mediapipe==0.10.21 wheel): no swap needed
+DEPTH_CHOICE = "depth-anything-tiny"  # the folder tests/comfy/test_pose_api.py builds too
+SD15_CHOICE = "sd15-tiny"  # the realtime character's tiny models, under the names users' files would have
+
+
+def place_character_models(models_root: Path, work_dir: Path) -> dict:
+    """The tiny SD1.5 character models (tests/harness/tiny_character.py) linked into a ComfyUI models/ tree;
+    returns the loader's combo values {input: value}."""
+    from tests.harness import tiny_character
+
+    t = tiny_character.build(Path(work_dir) / "tiny-character")
+    links = {"diffusers": [t["sd15"]], "controlnet": [t["controlnet"], t["controlnet_sdxl"]],
+             "ipadapter": [t["ip_adapter"]], "clip_vision": [t["clip_vision"]], "loras": [t["lcm_lora"]],
+             "vae_approx": [t["taesd_decoder"], t["taesd_encoder"]]}
+    links = {f: [(p, p.name) for p in paths] for f, paths in links.items()}
+    for folder, key in CHARACTER_FILES.items():  # the workflows' own file names, on the tiny weights
+        links[folder].append((t[key], WORKFLOW_NAMES[folder]))
+    for folder, pairs in links.items():
+        for src, name in pairs:
+            dst = Path(models_root) / folder / name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if not dst.exists() and not dst.is_symlink():
+                dst.symlink_to(src, target_is_directory=src.is_dir())
+    return {"model": f"diffusers/{t['sd15'].name}", "controlnet": f"{t['controlnet'].name}/",
+            "controlnet_sdxl": f"{t['controlnet_sdxl'].name}/", "ip_adapter": t["ip_adapter"].name,
+            "clip_vision": t["clip_vision"].name, "fast_lora": t["lcm_lora"].name, "vae": t["taesd_decoder"].name}
+
+
+# the file names the animate workflows name (users' usual files); tests link the tiny weights under them
+WORKFLOW_NAMES = {"controlnet": "control_v11p_sd15_openpose_fp16.safetensors", "ipadapter": "ip-adapter_sd15.safetensors",
+                  "clip_vision": "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors", "loras": "lcm-lora-sdv1-5.safetensors"}
+CHARACTER_FILES = {"controlnet": "controlnet_file", "ipadapter": "ip_adapter", "clip_vision": "clip_vision",
+                   "loras": "lcm_lora"}
+POSE_FILES = ("pose_landmark_full.tflite", "pose_detection.tflite")
+
+
+def place_pose_models(models_root: Path) -> None:
+    """BlazePose's real .tflite files (tests/harness/real_weights.blazepose_dir) in models/pose."""
+    from tests.harness import real_weights
+
+    source = getattr(real_weights, "blazepose_dir", None)  # the pose stage's harness (branch h-pose)
+    if source is None:
+        return
+    for name in POSE_FILES:
+        dst = Path(models_root) / "pose" / name
+        if not dst.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.symlink_to(Path(source()) / name)
 
 
 def place_models(models_root: Path, flux_choice: str, work_dir: Path) -> dict:
@@ -28,7 +76,7 @@ def place_models(models_root: Path, flux_choice: str, work_dir: Path) -> dict:
 
     `flux_choice`: the tiny FLUX.1 Fill's combo value (the `tiny_flux` fixture builds it); `work_dir`: where the
     tiny Qwen-Image-Layered is built once per session (a pytest basetemp)."""
-    from tests.harness import real_weights, tiny_layered, tiny_sam2, tiny_vlm
+    from tests.harness import real_weights, tiny_depth, tiny_fastcomposer, tiny_layered, tiny_sam2, tiny_vlm
 
     models_root = Path(models_root)
     tiny_vlm.build("qwen2_5_vl", models_root / "LLM" / VLM_CHOICE)
@@ -39,15 +87,32 @@ def place_models(models_root: Path, flux_choice: str, work_dir: Path) -> dict:
     sam2 = models_root / "sam2" / f"{tiny_sam2.NAME}.pt"
     if not sam2.exists():
         tiny_sam2.write_checkpoints(sam2.parent, formats=("pt",))
+    character = place_character_models(models_root, work_dir)
+    place_pose_models(models_root)
     layered = models_root / "diffusers" / LAYERED_CHOICE
     if not layered.exists():
         layered.symlink_to(tiny_layered.shared_folder(work_dir), target_is_directory=True)
+    (models_root / "pose").mkdir(parents=True, exist_ok=True)
+    for f in real_weights.blazepose_dir().glob("*.tflite"):
+        if not (models_root / "pose" / f.name).exists():
+            (models_root / "pose" / f.name).symlink_to(f)
+    tiny_depth.build_depth_anything(models_root / "depth" / DEPTH_CHOICE)
+    composer = tiny_fastcomposer.shared_folder(work_dir)["checkpoint"]
+    (models_root / "fastcomposer").mkdir(parents=True, exist_ok=True)
+    for f in (composer, tiny_fastcomposer.config_sidecar_of(composer)):  # the checkpoint and its size sidecar
+        if not (models_root / "fastcomposer" / f.name).exists():
+            (models_root / "fastcomposer" / f.name).symlink_to(f)
     return {
+        "AtelierPose": POSE_LANDMARK,
+        "AtelierGarmentMask": POSE_LANDMARK,
+        "AtelierDepth": DEPTH_CHOICE,
         "AtelierFluxFillLoader": flux_choice,
         "AtelierVLMLoader": VLM_CHOICE,
         "AtelierBackgroundRemoverLoader": U2NETP,
         "AtelierSAM2Loader": sam2.name,
         "AtelierLayeredLoader": f"diffusers/{LAYERED_CHOICE}",
+        "AtelierFastComposerLoader": composer.name,
+        "AtelierCharacterLoader": character["model"],
     }
 
 
@@ -65,6 +130,11 @@ ARTIST_EDITS = {
                                      "AtelierFluxFillLoader": {"model": None}, "AtelierFluxFill": {"steps": 2}},
     "layer_split.json": {"AtelierLayeredLoader": {"model": None}, "AtelierSplitLayers": {"steps": 2, "layers": 2}},
     "layer_edit_roundtrip.json": {},
+    "multi_subject.json": {"AtelierFastComposerLoader": {"model": None},
+                           "AtelierFastComposer": {"steps": 2, "width": 64, "height": 64}},
+    "animate_from_video.json": {"AtelierCharacterLoader": {"model": None}, "AtelierAnimateCharacter": {"steps": 2}},
+    "animate_keyframes.json": {"AtelierVLMLoader": {"model": None}, "AtelierCaption": {"max_new_tokens": 12},
+                               "AtelierCharacterLoader": {"model": None}, "AtelierAnimateCharacter": {"steps": 2}},
 }
 
 
@@ -117,6 +187,15 @@ def layer_stack():
     return layer_files.LayerStack(rgba, ["Sky", "Red box", "Blue label"])
 
 
+def subjects() -> tuple[np.ndarray, np.ndarray]:
+    """Two subject photos for multi_subject (an object on a studio backdrop, the second recoloured and smaller)."""
+    from tests.harness import real_weights
+
+    first, _ = real_weights.synthetic_object(192, 240)
+    second, _ = real_weights.synthetic_object(160, 200)
+    return first, second[..., ::-1].copy()
+
+
 def input_files() -> dict:
     """{name: bytes} for every file the workflows' loaders name, at sizes the tiny models handle quickly.
 
@@ -137,4 +216,40 @@ def input_files() -> dict:
         "atelier_object_photo.png": png(photo),
         "atelier_layers_example.png": png(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)),
         "atelier_layers_example.psd": psd,
+        "atelier_person.png": png(real_weights.astronaut()),  # a person for the pose / try-on workflows
+        "atelier_subject_1.png": png(subjects()[0]),
+        "atelier_subject_2.png": png(subjects()[1]),
+        "atelier_character.png": png(character_picture()),
+        "atelier_dance.mp4": dance_video(),
     }
+
+
+def character_picture(w: int = 48, h: int = 64) -> np.ndarray:
+    """A flat cartoon figure (the animate workflows' reference): red coat, dark hair, on light grey."""
+    rgb = np.full((h, w, 3), 220, np.uint8)
+    rgb[8:20, 18:30] = (240, 200, 170)  # face
+    rgb[4:10, 16:32] = (40, 30, 20)  # hair
+    rgb[20:46, 12:36] = (200, 30, 40)  # coat
+    rgb[46:62, 16:22] = rgb[46:62, 26:32] = (30, 30, 80)  # legs
+    return rgb
+
+
+def dance_video(frames: int = 4, side: int = 64, fps: int = 8) -> bytes:
+    """A short H.264 MP4 (PyAV, which ComfyUI's video nodes use): a figure whose arm moves frame to frame."""
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width = stream.height = side
+        stream.pix_fmt = "yuv420p"
+        for i in range(frames):
+            rgb = np.full((side, side, 3), 200, np.uint8)
+            rgb[10:54, 28:36] = (60, 60, 60)
+            y = 20 + 6 * i
+            rgb[y:y + 4, 8:56] = (60, 60, 60)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buf.getvalue()
