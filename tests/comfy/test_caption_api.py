@@ -11,7 +11,6 @@ import io
 import json
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -19,12 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from tests.harness import tiny_vlm  # noqa: E402
-from tests.harness.comfy_server import ComfyClient  # noqa: E402
+from tests.harness import tiny_vlm
+from tests.harness.comfy_server import ComfyClient
 
 KEYS = ["scene", "lighting", "light_direction", "palette", "mood", "camera", "placement", "found"]
 BROKEN = "tiny-vlm-no-weights"

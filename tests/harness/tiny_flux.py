@@ -12,12 +12,11 @@ Everything is random and small (a few MB): outputs are noise, which is all parit
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 
-from .comfy_server import comfy_root
+from .comfy_server import comfy_root, import_comfy
 
 # shapes chosen so that every config the loader reads off a single file matches the diffusers config
 TRANSFORMER = dict(patch_size=1, in_channels=288, out_channels=16, num_layers=1, num_single_layers=1,
@@ -77,11 +76,8 @@ def build_diffusers(dst: Path, seed: int = 0, scale: int = 1) -> Path:
 
 
 def _comfy_key_maps():
-    root = str(comfy_root())
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    import comfy.diffusers_convert as dc  # ComfyUI's own converters: an independent check of our loader
-    import comfy.utils as cu
+    # ComfyUI's own converters: an independent check of our loader
+    dc, cu = import_comfy("comfy.diffusers_convert"), import_comfy("comfy.utils")
 
     return cu.flux_to_diffusers, dc.convert_vae_state_dict
 
