@@ -17,12 +17,11 @@ Everything is random and a few MB: outputs are noise, which is all parity tests 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 
-from .comfy_server import comfy_root
+from .comfy_server import comfy_root, import_comfy
 
 TE_HIDDEN = 32
 TE2_HIDDEN = 40  # unlike CLIP-L's width (diffusers' single-file loader tells the two encoders apart by width)
@@ -54,13 +53,8 @@ SCHEDULER = dict(beta_end=0.012, beta_schedule="scaled_linear", beta_start=0.000
 
 
 def _comfy():
-    root = str(comfy_root())
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    import comfy.diffusers_convert as dc
-    import comfy.utils as cu
-
-    return cu, dc
+    """ComfyUI's own key converters (comfy.utils, comfy.diffusers_convert), imported without sys.path edits."""
+    return import_comfy("comfy.utils"), import_comfy("comfy.diffusers_convert")
 
 
 def tokenizers():
