@@ -299,6 +299,16 @@ def _pin_parameterless_buffers(module: torch.nn.Module, device: torch.device) ->
                     sub._buffers[name] = buf.to(device)
 
 
+def upcasting_vaes(pipe, modules: dict, dtype: torch.dtype) -> list[str]:
+    """The VAEs that diffusers casts to float32 and back inside a run (SDXL pipelines, ``force_upcast``, 16-bit):
+    offload hooks keep their own copy of the 16-bit weights (streaming: 'Input type (float) and bias type
+    (BFloat16)') or move the cast ones later (model offload), so under offload those VAEs stay on the GPU (160 MB)."""
+    if dtype == torch.float32 or "StableDiffusionXL" not in type(pipe).__name__:
+        return []
+    return [n for n, m in modules.items()
+            if n.startswith("vae") and getattr(getattr(m, "config", None), "force_upcast", False)]
+
+
 def apply_offload(model: LoadedPipeline) -> None:
     pipe, mode, device = model.pipe, model.offload, model.device
     modules = {n: m for n, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
@@ -315,6 +325,7 @@ def apply_offload(model: LoadedPipeline) -> None:
             model.notes.append(f"int8 parts stay on the GPU under model offload ({', '.join(keep)})")
         # parts a stage runs every step beside the big one (the try-on's ControlNet) stay on the GPU too
         resident = [n for n in getattr(model, "resident_in_model_offload", ()) if n in modules and n not in keep]
+        resident += [n for n in upcasting_vaes(pipe, modules, model.dtype) if n not in keep + resident]
         for name in resident:
             if name not in quantized:
                 modules[name].to(device)
@@ -333,6 +344,10 @@ def apply_offload(model: LoadedPipeline) -> None:
                 # LLM.int8 weights carry their row statistics outside the parameter: streaming the parameter
                 # alone would keep a second copy resident. Keep 8-bit parts on the GPU.
                 model.notes.append(f"{name} ({model.spec.quantization}) stays on the GPU; other parts stream")
+                continue
+            if name in upcasting_vaes(pipe, modules, model.dtype):
+                m.to(device)
+                model.notes.append(f"{name} stays on the GPU (it upcasts itself to float32 to decode)")
                 continue
             # nf4 layers stream like the others: their packed 4-bit weights are the parameters (the small
             # quantisation statistics stay on the GPU), so each step moves a quarter of the bf16 bytes

@@ -229,7 +229,12 @@ def build_pipeline(files: TryOnFiles, dtype: torch.dtype, quantization: str):
     pipe = base
     if files.controlnet:
         controlnet = load_controlnet(files.controlnet, dtype, base.unet.config.addition_time_embed_dim)
-        pipe = StableDiffusionXLControlNetInpaintPipeline.from_pipe(base, controlnet=controlnet)
+        # built from the base's parts, not from_pipe: diffusers' from_pipe casts every part to float32 unless told
+        # a dtype, and a dtype cast is refused by (or silently skips) bitsandbytes-quantized parts
+        pipe = StableDiffusionXLControlNetInpaintPipeline(
+            **base.components, controlnet=controlnet, add_watermarker=False,
+            requires_aesthetics_score=base.config.requires_aesthetics_score,
+            force_zeros_for_empty_prompt=base.config.force_zeros_for_empty_prompt)
     if files.ip_adapter:
         ip_adapter.load_into(pipe, ip_adapter.read(files.ip_adapter), files.clip_vision, dtype)
     pipe.set_progress_bar_config(disable=True)
@@ -376,14 +381,14 @@ def _run_one(model: TryOnModel, person, garment, mask, depth, prompt, negative_p
         return kwargs
 
     kw = pipe_kwargs(pipe, img, garment, msk, depth, ip_adapter_scale, controlnet_scale)
-    try:
-        with torch.inference_mode():
+    with torch.inference_mode():  # the hooks reset in the run's mode: parts it cast are inference tensors
+        try:
             out = pipe(prompt=prompt, negative_prompt=negative_prompt or None, strength=strength,
                        num_inference_steps=steps, guidance_scale=guidance,
                        generator=torch.Generator("cpu").manual_seed(int(seed) % (2**64)), output_type="pt",
                        callback_on_step_end=on_step, **kw).images
-    finally:
-        pipe.maybe_free_model_hooks()  # after Stop or an error too: offload hooks back to rest
+        finally:
+            pipe.maybe_free_model_hooks()  # after Stop or an error too: offload hooks back to rest
     if steps > done[0]:
         progress.step(steps - done[0])  # strength < 1 runs fewer steps than the bar counts
     return pad.crop(to_bhwc(out.float().cpu()))

@@ -239,15 +239,16 @@ def main() -> None:
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--parts", default="sdxl,flux", help="sdxl, flux or both (each fits a 10-minute slot)")
     ap.add_argument("--flux-steps", type=int, default=6)
+    ap.add_argument("--sdxl-rows", default="plain,none/none,none/model,none/sequential,nf4/none",
+                    help="SDXL rows: plain (diffusers) and quantization/offload pairs")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     parts = set(a.parts.split(","))
     rows = []
     if "sdxl" in parts:
         paths = make_sdxl(a.work)
-        rows.append(plain_diffusers_row(paths))
-        for quantization, offload in (("none", "none"), ("none", "model"), ("none", "sequential"), ("nf4", "none")):
-            rows.append(sdxl_row(paths, quantization, offload))
+        for row in a.sdxl_rows.split(","):
+            rows.append(plain_diffusers_row(paths) if row == "plain" else sdxl_row(paths, *row.split("/")))
     if "flux" in parts:
         flux = a.work / "flux-fill"
         if not (flux / "model_index.json").exists():

@@ -19,7 +19,7 @@ from PIL import Image
 
 from atelier import masker
 from tests.harness import real_weights as rw
-from tests.harness.comfy_server import ComfyClient, PromptRejected
+from tests.harness.comfy_server import ComfyClient, PromptRejected, assert_progress_each_step, progress_values
 
 log = logging.getLogger("atelier.tests.bg_remove")
 
@@ -158,8 +158,7 @@ def test_batch_threshold_and_progress_per_image(client, files, pictures, ws):
     assert set(np.unique(masks[0]).tolist()) <= {0, 255}
     _, soft = engine(files[U2NETP], rgb)
     assert np.array_equal(masks[0][..., 0] == 255, (soft >= 0.5).numpy())
-    values = [m["data"]["value"] for m in ws.messages("progress") if m["data"].get("node") == "3"]
-    assert values == [1, 2]
+    assert_progress_each_step(progress_values(ws, "3"), 2)
 
 
 def _loads(text: str) -> int:

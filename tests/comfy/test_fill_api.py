@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.harness.comfy_server import ComfyClient, PromptRejected
+from tests.harness.comfy_server import ComfyClient, PromptRejected, assert_progress_each_step, progress_values
 
 W, H = 48, 32  # multiples of 16: the node pads nothing, so the reference sees the same tensors
 
@@ -174,8 +174,7 @@ def test_progress_is_reported_every_step(client, tiny_flux, example, ws):
     name, _, _ = example
     entry = client.run(inpaint_prompt(tiny_flux["choice_diffusers"], name, steps=4, seed=21))
     assert ComfyClient.succeeded(entry)
-    values = [m["data"]["value"] for m in ws.messages("progress") if m["data"].get("node") == "3"]
-    assert values == [1, 2, 3, 4]
+    assert_progress_each_step(progress_values(ws, "3"), 4)
 
 
 # ------------------------------------------------------------------------------------------ every toggle

@@ -12,7 +12,7 @@ from PIL import Image
 
 from tests.harness import tiny_flux as tf
 from tests.harness import tiny_sdxl
-from tests.harness.comfy_server import ComfyClient
+from tests.harness.comfy_server import ComfyClient, assert_progress_each_step, progress_values
 
 S = 64
 CKPT = "checkpoints/sdxl_inpaint_tiny.safetensors"
@@ -119,7 +119,7 @@ def test_loader_lora_tryon_equals_plain_diffusers(client, world, pictures, ws):
     entry = client.run(graph(names))
     assert ComfyClient.succeeded(entry), ComfyClient.error_message(entry)
     got = client.images(entry, "8")[0][..., :3].astype(np.int16)
-    assert [m["data"]["value"] for m in ws.messages("progress") if m["data"].get("node") == "6"] == [1, 2]
+    assert_progress_each_step(progress_values(ws, "6"), 2)
 
     pipe = StableDiffusionXLControlNetInpaintPipeline.from_pretrained(
         world["folder"], controlnet=ControlNetModel.from_pretrained(world["controlnet_folder"]), add_watermarker=False)

@@ -247,3 +247,22 @@ def test_plus_adapter_runs(world, inputs, clean_registry):
     b = tryon.run(model, person, garment, mask, depth=depth, composite_back=False,
                   **dict(KW, ip_adapter_scale=0.0))
     assert torch.isfinite(a).all() and _delta(a, b) > 1e-3
+
+
+def test_bf16_keeps_every_part_in_bf16_and_runs(world, inputs, clean_registry):
+    """The ControlNet pipeline is built from the base's parts in the run dtype (diffusers' from_pipe cast them all to
+    float32 next to a bf16 IP-Adapter: 'query.dtype: float, key.dtype: BFloat16' on the H200)."""
+    h = tryon.make_handle(tryon.TryOnSpec(files=files(world, layout="diffusers", ip="ip_plus"), dtype="bf16"), None)
+    model = get(tryon.STAGE, h)
+    pipe = model.pipe
+    dtypes = {name: {p.dtype for p in getattr(pipe, name).parameters()}
+              for name in ("unet", "vae", "text_encoder", "text_encoder_2", "controlnet", "image_encoder")}
+    assert all(d == {torch.bfloat16} for d in dtypes.values()), dtypes
+    person, garment, depth, mask = inputs
+    out = tryon.run(model, person, garment, mask, depth=depth, composite_back=False, **KW)
+    assert out.shape == (1, SIZE, SIZE, 3) and torch.isfinite(out).all()
+    # under model / sequential offload this VAE stays on the GPU: diffusers casts it to float32 and back in a run
+    from atelier import pipelines
+    pipe.vae.register_to_config(force_upcast=True)  # as SDXL's own VAE config says (the tiny one does not)
+    assert pipelines.upcasting_vaes(pipe, pipe.components, torch.bfloat16) == ["vae"]
+    assert pipelines.upcasting_vaes(pipe, pipe.components, torch.float32) == []

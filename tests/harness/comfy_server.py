@@ -81,6 +81,27 @@ def comfy_root() -> Path:
     return root
 
 
+def progress_throttled() -> bool:
+    """Whether the ComfyUI under test drops progress messages: from 0.30 its ProgressBar sends the first and the
+    last value and at most one in between per 100 ms (comfy.utils.PROGRESS_THROTTLE_MIN_INTERVAL)."""
+    return "PROGRESS_THROTTLE_MIN_INTERVAL" in (comfy_root() / "comfy" / "utils.py").read_text(encoding="utf-8")
+
+
+def progress_values(ws: "WsListener", node: str) -> list:
+    """The values of the progress messages the websocket got for one node id, in order."""
+    return [m["data"]["value"] for m in ws.messages("progress") if m["data"].get("node") == node]
+
+
+def assert_progress_each_step(values: list, total: int) -> None:
+    """A node reported progress after each of `total` steps: exactly 1..total, or on a ComfyUI that throttles
+    progress (progress_throttled) a strictly rising run of steps from 1 that ends at total."""
+    if not progress_throttled():
+        assert values == list(range(1, total + 1)), f"progress {values}, expected 1..{total}"
+        return
+    assert values and values[0] == 1 and values[-1] == total, f"progress {values}: expected 1 first, {total} last"
+    assert all(a < b for a, b in zip(values, values[1:])), f"progress {values} is not strictly rising"
+
+
 def comfy_python() -> str:
     """The Python that runs the server: $ATELIER_COMFY_PYTHON, else the venv of an explicitly chosen
     $ATELIER_COMFY_VERSION when it exists (each version has its own requirements), else this process's Python."""

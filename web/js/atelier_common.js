@@ -19,15 +19,22 @@ export function messageText(message) {
     return (Array.isArray(text) ? text : text == null ? [] : [text]).join("\n");
 }
 
+// The <textarea> of a multiline STRING widget: `element` (frontend 1.47 warns that `inputEl` is deprecated), or
+// `inputEl` on frontends without `element`.
+export function textElement(widget) {
+    return widget.element ?? widget.inputEl;
+}
+
 // A read-only text box `name` on the node (made on first use; class `<name with dashes>-text`), showing `text`.
 // Display only: never saved into widgets_values nor sent as an input with the prompt.
 export function showText(node, text, name = "atelier_info") {
     let widget = node.widgets?.find((w) => w.name === name);
     if (!widget) {
         widget = app.widgets.STRING(node, name, ["STRING", { multiline: true }], app).widget;
-        widget.inputEl.readOnly = true;
-        widget.inputEl.classList.add(`${name.replaceAll("_", "-")}-text`);
-        widget.inputEl.style.opacity = 0.7;
+        const box = textElement(widget);
+        box.readOnly = true;
+        box.classList.add(`${name.replaceAll("_", "-")}-text`);
+        box.style.opacity = 0.7;
         widget.serialize = false; // not in widgets_values
         widget.options.serialize = false; // not in the queued prompt
         node.setSize([node.size[0], Math.max(node.size[1], node.computeSize()[1])]);
