@@ -27,6 +27,7 @@ from .images import check_image, to_uint8
 from .memory import (
     GiB,
     check_quant_dtype,
+    check_quant_offload,
     check_quantization,
     dtype_name,
     footprint,
@@ -253,6 +254,7 @@ def resolve(spec: VLMSpec, free_vram: int | None = None):
         mode = "model"
     if mode == "model" and not quant_mode(spec.quantization).streams:
         mode, why = "none", NF4_NOT_OFFLOADED
+    check_quant_offload(spec.quantization, spec.offload, mode, why)
     return mode, dtype, why, fp
 
 

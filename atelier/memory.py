@@ -101,6 +101,7 @@ class QuantMode:
     min_capability: tuple[int, int] | None = None
     package: str | None = None
     dtypes: tuple[torch.dtype, ...] | None = None  # run dtypes its kernels take (None = any)
+    offloads: bool = True  # its weights can move between RAM and GPU (offload model / sequential / budget)
 
 
 QUANT_MODES: dict[str, QuantMode] = {m.name: m for m in (
@@ -115,7 +116,7 @@ QUANT_MODES: dict[str, QuantMode] = {m.name: m for m in (
                                        "Ada/Hopper/Blackwell GPUs)",
               diffusers=lambda d: _torchao_config("diffusers", dynamic=True),
               transformers=lambda d: _torchao_config("transformers", dynamic=False),
-              min_capability=(8, 9), package="torchao", dtypes=(torch.bfloat16,)),
+              min_capability=(8, 9), package="torchao", dtypes=(torch.bfloat16,), offloads=False),
 )}
 """Adding a quantization mode is one row here plus whatever its configs need; combos and tooltips derive from it."""
 
@@ -162,6 +163,22 @@ def check_quantization(quantization: str, device: str | torch.device) -> None:
     if mode.package and importlib.util.find_spec(mode.package) is None:
         raise SettingError(f"the {mode.package} package for quantization '{quantization}'", "not installed",
                            f"pip install {mode.package} (into ComfyUI's Python), or choose quantization 'nf4'.")
+
+
+def check_quant_offload(quantization: str, choice: str, mode: str, why: str) -> None:
+    """Some weight formats stay where they were quantized: torchao's float8 tensors cannot be moved by offload hooks
+    (on an H200: "Attempted to set the storage of a tensor on device cuda:0 to a storage on different device
+    cpu"), so they run with offload none only. ``choice``: the offload asked for; ``mode``, ``why``: what it
+    resolved to."""
+    if quant_mode(quantization).offloads or mode == "none":
+        return
+    if choice == "auto":
+        raise SettingError(f"room for the whole model on the GPU with quantization '{quantization}' (its weights "
+                           "cannot be offloaded)", f"offload auto would need '{mode}' ({why})",
+                           "Choose quantization 'nf4' (offload auto then streams what does not fit), or free VRAM.")
+    raise SettingError(f"offload none or auto with quantization '{quantization}' (its weights cannot move "
+                       "between RAM and GPU)", f"offload '{choice}'",
+                       "Set offload to none, or choose quantization 'nf4' / 'int8' to offload.")
 
 
 def check_quant_dtype(quantization: str, dtype: torch.dtype) -> None:

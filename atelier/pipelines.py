@@ -28,6 +28,7 @@ from .memory import (
     Footprint,
     PartBlocks,
     check_quant_dtype,
+    check_quant_offload,
     check_quantization,
     diffusers_quant_config,
     dtype_name,
@@ -109,6 +110,7 @@ def resolve(spec: Any, sizes: dict[str, int], free_vram: int | None = None,
     fp = footprint(sizes, spec.quantization, dtype)
     mode, why = plan_offload(spec.offload, spec.device, fp, free_vram,
                              blocks=(lambda: blocks(dtype)) if blocks is not None else None)
+    check_quant_offload(spec.quantization, spec.offload, mode, why)
     if not 0.0 <= spec.first_block_cache < 1.0:
         raise SettingError("first_block_cache between 0 (off) and 1", str(spec.first_block_cache), "Try 0.05–0.12.")
     return mode, dtype, why, fp

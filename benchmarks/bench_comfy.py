@@ -108,8 +108,6 @@ SETTINGS: list[dict] = [
     dict(id="native fp8-fast --novram", path="native", weight_dtype="fp8_e4m3fn_fast", fast=True, novram=True),
     dict(id="native bf16 --novram", path="native", weight_dtype="default", novram=True),
     *[row for cap in CAPS_GIB for row in (
-        dict(id=f"atelier fp8 auto @{cap} GiB", path="atelier", quantization="fp8", offload="auto", vae_tiling=True,
-             cap_gib=cap),
         dict(id=f"native fp8-fast @{cap} GiB", path="native", weight_dtype="fp8_e4m3fn_fast", fast=True, cap_gib=cap),
         dict(id=f"atelier nf4 auto @{cap} GiB", path="atelier", quantization="nf4", offload="auto", vae_tiling=True,
              cap_gib=cap),
@@ -121,8 +119,10 @@ SETTINGS: list[dict] = [
 
 # The subset one 8-minute GPU slot answers the questions with (run: `--only quick`): native's fastest vs
 # Atelier's fastest without a cap, then Atelier auto vs native's best at an 8 and a 16 GiB cap.
-QUICK = ["native fp8-fast", "atelier fp8", "atelier fp8 auto @8 GiB", "native fp8-fast @8 GiB",
-         "atelier fp8 auto @16 GiB", "native fp8-fast @16 GiB", "atelier fp8 + compile"]
+# fp8 runs resident only (torchao's float8 weights cannot move under offload hooks): under a cap Atelier's best is
+# nf4 with auto (budgeted streaming).
+QUICK = ["native fp8-fast", "atelier fp8", "atelier nf4 auto @8 GiB", "native fp8-fast @8 GiB",
+         "atelier nf4 auto @16 GiB", "native fp8-fast @16 GiB", "atelier fp8 + compile"]
 
 
 # ------------------------------------------------------------------------------------------------------- make

@@ -153,6 +153,25 @@ def test_fp8_runs_in_bf16_only():
     check_quant_dtype("nf4", torch.float16)  # the others take any dtype
 
 
+def test_fp8_runs_resident_only():
+    """torchao float8 weights cannot move under offload hooks (H200: every model/sequential/budget fp8 run failed):
+    offload none passes, an explicit offload is refused with the fix, auto that would have to offload says why."""
+    from atelier.memory import check_quant_offload
+
+    check_quant_offload("fp8", "none", "none", "chosen")
+    check_quant_offload("fp8", "auto", "none", "everything fits")
+    for choice in ("model", "sequential"):
+        with pytest.raises(SettingError) as e:
+            check_quant_offload("fp8", choice, choice, "chosen")
+        assert f"offload '{choice}'" in str(e.value) and "offload to none" in e.value.fix
+    with pytest.raises(SettingError) as e:
+        check_quant_offload("fp8", "auto", "budget", "transformer 10/57 blocks resident")
+    assert "'budget'" in str(e.value) and "nf4" in e.value.fix
+    for q in ("none", "int8", "nf4"):  # the others offload
+        for mode in ("model", "sequential", "budget"):
+            check_quant_offload(q, mode, mode, "chosen")
+
+
 def test_fp8_footprint_is_about_half():
     fp8, full = footprint(SIZES, "fp8", torch.bfloat16), footprint(SIZES, "none", torch.bfloat16)
     assert 0.5 * full.transformer <= fp8.transformer <= 0.6 * full.transformer
