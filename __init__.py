@@ -35,6 +35,9 @@ else:
                                 "(pip install %s; see README)", stage, package, package)
                     continue
                 nodes.extend(module.NODES)
+            if nodes:  # every node's execute behind the shared input checks and error translations
+                guard = importlib.import_module(".nodes._bridge", __name__).guard
+                nodes = [guard(n) for n in nodes]
             return nodes
 
     async def comfy_entrypoint() -> ComfyExtension:

@@ -17,6 +17,7 @@ import torch
 
 from . import flux_files, pipelines
 from .errors import InputError, ModelFileError
+from .guards import check_inputs
 from .images import check_image, check_mask, composite, match_mask_to_images, pad_to_multiple, to_bchw, to_bhwc
 from .memory import (
     Footprint,
@@ -173,6 +174,7 @@ def inpaint(model: FluxFillModel, image: torch.Tensor, mask: torch.Tensor, promp
     progress = progress or NullProgress()
     image = check_image(image)
     mask = match_mask_to_images(image, check_mask(mask))
+    check_inputs({"guidance": float(guidance), "prompt": prompt or ""})  # NaN guidance would paint black
     if steps < 1:
         raise InputError("steps of at least 1", str(steps), "Set steps to 28 (FLUX Fill's usual value).")
     if not prompt or not prompt.strip():

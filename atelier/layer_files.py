@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
 import re
 import zipfile
@@ -413,13 +414,30 @@ def read_zip(path: str | os.PathLike) -> LayerStack:
                 width, height = arr.shape[1], arr.shape[0]
                 check_canvas(width, height, len(entries), path.name)
             canvas = np.zeros((height, width, 4), np.uint8)
-            left, top = (int(box["left"]), int(box["top"])) if isinstance(box, dict) and arr.shape[:2] != (
+            left, top = _bounds(box, member, path.name) if isinstance(box, dict) and arr.shape[:2] != (
                 height, width) else (0, 0)
             _paste(canvas, arr, left, top)
             canvas[canvas[..., 3] == 0, :3] = 0
             rgba.append(canvas)
             names.append(_clean_name(name))
     return LayerStack(np.stack(rgba), names)
+
+
+def _bounds(box: dict, member: str, archive: str) -> tuple[int, int]:
+    """(left, top) of a manifest entry's bounds, as whole pixels."""
+    out = []
+    for field in ("left", "top"):
+        value = box.get(field, 0)
+        try:
+            number = float(value)
+            if isinstance(value, bool) or not math.isfinite(number):
+                raise ValueError(value)
+        except (TypeError, ValueError):
+            raise InputError(f"bounds.{field} of '{member}' in manifest.json as a whole number of pixels",
+                             f"{json.dumps(value)[:40]} in '{archive}'",
+                             "Re-export the layers, or fix the number in manifest.json.") from None
+        out.append(int(number))
+    return out[0], out[1]
 
 
 def _natural_key(name: str):

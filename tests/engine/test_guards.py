@@ -1,0 +1,153 @@
+"""The shared node-boundary checks (atelier/guards.py) and the four bad answers issue 15 found: NaN guidance in
+FLUX Fill, a prompt with a lone UTF-16 surrogate, SAM2 points nested 100k deep, a layers ZIP whose manifest has
+non-numeric bounds. Each must now be an Atelier error that names the input (or the file and field)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from atelier import character, fill, guards, layer_files, openpose, segmenter
+from atelier.errors import InputError, SettingError
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_non_finite_float_is_refused_naming_the_input(value):
+    with pytest.raises(InputError) as e:
+        guards.check_inputs({"steps": 4, "guidance": value, "prompt": "ok"})
+    assert "'guidance'" in str(e.value) and "finite number" in str(e.value)
+
+
+def test_finite_values_and_other_types_pass():
+    guards.check_inputs({"guidance": 30.0, "steps": 2, "prompt": "한국어 🎨 " * 1000, "flag": True, "pipe": object()})
+
+
+def test_flux_fill_nan_guidance_is_an_input_error_before_sampling():
+    class NoPipe:  # sampling would fail loudly: the check must come first
+        pipe = None
+        multiple = 16
+
+    image, mask = torch.rand(1, 32, 32, 3), torch.ones(1, 32, 32)
+    with pytest.raises(InputError, match="'guidance'"):
+        fill.inpaint(NoPipe(), image, mask, "a vase", steps=1, guidance=float("nan"))
+
+
+def test_lone_surrogate_in_a_prompt_names_the_input_and_position():
+    with pytest.raises(InputError) as e:
+        guards.check_inputs({"prompt": "a cat \ud83d sitting"})
+    msg = str(e.value)
+    assert "'prompt'" in msg and "character 6" in msg and "TypeError" not in msg
+
+
+def test_a_real_emoji_pair_is_fine():
+    guards.check_inputs({"prompt": "a cat \U0001F431 sitting"})
+
+
+@pytest.mark.parametrize("parse", [segmenter.parse_points, segmenter.parse_boxes])
+def test_sam2_points_nested_100k_deep_is_an_input_error(parse):
+    deep = "[" * 100_000 + "]" * 100_000
+    with pytest.raises(InputError, match="nested too deep"):
+        parse(deep)
+    with pytest.raises(InputError, match="nested"):  # the node boundary refuses it before any parser runs
+        guards.check_inputs({"points": deep})
+
+
+def test_deep_keypoints_and_keyframes_are_input_errors():
+    deep = "[" * 100_000 + "]" * 100_000
+    with pytest.raises(InputError):
+        openpose.parse_frames(deep)
+    with pytest.raises(InputError, match="keyframe_prompts"):
+        character.parse_keyframes("{\"0\": " + deep + "}")
+
+
+def test_nesting_depth_ignores_brackets_inside_strings():
+    assert guards.nesting_depth('[{"x": "[[[[[[", "y": 2}]') == 2
+    assert guards.nesting_depth("[" * 70) == 70
+
+
+def _zip_with_bounds(path, bounds):
+    png = io.BytesIO()
+    Image.fromarray(np.full((4, 4, 4), 200, np.uint8), "RGBA").save(png, format="PNG")
+    doc = {"width": 16, "height": 16, "layers": [{"file": "layers/01.png", "name": "A", "bounds": bounds}]}
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("manifest.json", json.dumps(doc))
+        z.writestr("layers/01.png", png.getvalue())
+    return path
+
+
+@pytest.mark.parametrize("left", ["x", None, [1], "nan", True])
+def test_layers_zip_with_non_numeric_bounds_names_file_and_field(tmp_path, left):
+    path = _zip_with_bounds(tmp_path / "bad.zip", {"left": left, "top": 2, "right": 6, "bottom": 6})
+    with pytest.raises(InputError) as e:
+        layer_files.read_zip(path)
+    msg = str(e.value)
+    assert "bounds.left" in msg and "layers/01.png" in msg and "bad.zip" in msg
+
+
+def test_layers_zip_with_numeric_string_bounds_still_reads(tmp_path):
+    path = _zip_with_bounds(tmp_path / "ok.zip", {"left": "3", "top": 2.0, "right": 7, "bottom": 6})
+    stack = layer_files.read_zip(path)
+    assert stack.rgba.shape == (1, 16, 16, 4)
+    assert stack.rgba[0, 2, 3, 3] == 200 and stack.rgba[0, 2, 2, 3] == 0
+
+
+# ------------------------------------------------------------------------------------------- out of memory
+
+
+def _cuda_oom():
+    return torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 23.6 GiB total)")
+
+
+class _Spec:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+class _Handle:
+    def __init__(self, offload, **spec):
+        self.offload = offload
+        self.spec = _Spec(offload="auto", **spec)
+
+
+def test_gpu_oom_on_a_run_node_names_the_loader_toggles_still_open():
+    pipe = _Handle("none", quantization="none", vae_tiling=False, vae_slicing=False, attention_slicing=False)
+    err = guards.translate("AtelierFluxFill", {"pipe": pipe, "steps": 2}, _cuda_oom())
+    assert isinstance(err, SettingError)
+    msg = str(err)
+    for toggle in ("offload 'model'", "quantization 'nf4'", "vae_tiling on", "lower resolution", "on the loader"):
+        assert toggle in msg, (toggle, msg)
+    assert "Traceback" not in msg and "OutOfMemoryError: CUDA out of memory" in msg
+
+
+def test_gpu_oom_leaves_out_toggles_already_at_their_lowest():
+    pipe = _Handle("sequential", quantization="nf4", vae_tiling=True)
+    msg = str(guards.translate("AtelierSplitLayers", {"pipe": pipe}, _cuda_oom()))
+    assert "offload" not in msg and "quantization" not in msg and "vae_tiling" not in msg
+    assert "lower resolution" in msg
+
+
+def test_gpu_oom_on_a_loader_reads_its_own_inputs():
+    msg = str(guards.translate("AtelierFluxFillLoader", {"offload": "model", "quantization": "none",
+                                                         "vae_tiling": False}, _cuda_oom()))
+    assert "offload 'sequential'" in msg and "quantization 'nf4'" in msg and "on the loader" not in msg
+
+
+def test_runtime_error_text_of_an_oom_counts_and_host_memory_too():
+    assert guards.is_out_of_gpu_memory(RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB"))
+    assert not guards.is_out_of_gpu_memory(RuntimeError("shape mismatch"))
+    err = guards.translate("AtelierLoadLayers", {"file": "a.psd"}, MemoryError())
+    assert isinstance(err, SettingError) and "host (RAM) memory" in str(err)
+
+
+def test_other_errors_travel_unchanged():
+    assert guards.translate("X", {}, KeyError("k")) is None
+    assert guards.translate("X", {}, InputError("a", "b", "c")) is None
+    err = guards.translate("X", {"points": "[[["}, RecursionError("maximum recursion depth exceeded"))
+    assert isinstance(err, InputError) and "points" in str(err)
