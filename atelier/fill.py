@@ -29,6 +29,7 @@ from .memory import (
 from .progress import NullProgress, Progress
 from .stage import Stage, released, with_notes
 from .types import FluxFillFiles, FluxFillHandle, FluxFillSpec
+from .weights import read_safetensors_header
 
 log = logging.getLogger("atelier")
 
@@ -62,6 +63,7 @@ def check_files(files: FluxFillFiles) -> None:
         return
     if not os.path.isfile(files.path):
         raise ModelFileError("a FLUX.1 Fill transformer file", f"'{files.path}'", "Put flux1-fill-dev.safetensors in models/diffusion_models.")
+    read_safetensors_header(files.path)  # a partial download or a lying header: say so, not "another model"
     if not flux_files.is_flux_fill_transformer_file(files.path):
         raise ModelFileError("a FLUX.1 Fill transformer (image + mask input channels)", f"'{Path(files.path).name}'",
                              "This looks like another FLUX model; pick flux1-fill-dev.safetensors.")

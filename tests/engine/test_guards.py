@@ -151,3 +151,30 @@ def test_other_errors_travel_unchanged():
     assert guards.translate("X", {}, InputError("a", "b", "c")) is None
     err = guards.translate("X", {"points": "[[["}, RecursionError("maximum recursion depth exceeded"))
     assert isinstance(err, InputError) and "points" in str(err)
+
+
+@pytest.mark.parametrize("size", [(4096, 16), (16, 4096), (1, 1), (30000, 28)])
+def test_captioner_pads_strips_and_specks_to_what_the_vision_processor_takes(size):
+    from PIL import Image
+
+    from atelier import captioner
+
+    out = captioner.pad_for_vision(Image.new("RGB", size, (255, 0, 0)))
+    w, h = out.size
+    assert w >= size[0] and h >= size[1] and min(w, h) >= captioner.MIN_SIDE
+    assert max(w, h) / min(w, h) <= captioner.MAX_ASPECT
+    assert out.getpixel(((w - size[0]) // 2, (h - size[1]) // 2)) == (255, 0, 0)  # the content, not resized
+
+
+def test_truncated_flux_transformer_is_called_a_partial_download(tmp_path):
+    import struct
+
+    from atelier.errors import ModelFileError
+    from atelier.types import FluxFillFiles
+
+    header = json.dumps({"img_in.weight": {"dtype": "F32", "shape": [4, 3], "data_offsets": [0, 48]}}).encode()
+    path = tmp_path / "flux1-fill-cut.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 20)  # 48 bytes promised, 20 there
+    files = FluxFillFiles(layout="single_file", path=str(path))
+    with pytest.raises(ModelFileError, match="partial download"):
+        fill.check_files(files)
