@@ -138,6 +138,9 @@ def find_model_folders(roots: Iterable[str | Path], model_types: Sequence[str] |
 def resolve_folder(name: str, roots: Iterable[str | Path]) -> Path:
     """The path of the loader's combo value ``name`` (a folder under one of ``roots``)."""
     roots = [Path(r) for r in roots]
+    if not name or Path(name).is_absolute() or ".." in Path(name).parts:  # combo values reach us unchecked
+        raise ModelFileError("a model folder name from the list (a folder inside models/LLM)", repr(name),
+                             "Pick a model in the loader's list; names that leave models/LLM are not read.")
     for root in roots:
         path = root / name
         if path.is_dir():

@@ -1,7 +1,8 @@
 """A corpus of bad and extreme inputs for every Atelier node, through POST /prompt of one real server.
 
 One table (CASES): a row is (node, case id, graph builder, expected outcome). Outcomes:
-* REJECT: HTTP 400 with node_errors (core's validation: min/max, combo, types, missing inputs);
+* REJECT: HTTP 400 with node_errors (core's validation: min/max, types, missing inputs; ComfyUI 0.3.75 does not
+  check V3 combo values, so an unknown combo value reaches the node, which must refuse it: ERROR);
 * ERROR: an execution_error raised as an Atelier error (InputError / ModelFileError / SettingError) whose message
   says expected / got / fix — never a bare KeyError / IndexError / TypeError / NoneType text;
 * OK: the prompt succeeds (a sane result: the outputs the node promises).
@@ -11,6 +12,8 @@ Adding a case is one row.
 """
 from __future__ import annotations
 
+import json
+import os
 import re
 import time
 from pathlib import Path
@@ -250,10 +253,10 @@ ROWS = [
     ("AtelierFluxFill", "prompt_surrogate", flux, dict(prompt=SURROGATE), ERROR, "prompt"),
     ("AtelierFluxFill", "prompt_missing", flux, dict(prompt=DROP), REJECT, None),
     ("AtelierFluxFill", "image_missing", flux, dict(image=DROP), REJECT, None),
-    ("AtelierFluxFill", "loader_model_dotdot", flux, dict(loader=dict(model="../../../etc/passwd")), REJECT, None),
-    ("AtelierFluxFill", "loader_model_unknown", flux, dict(loader=dict(model="diffusers/nope")), REJECT, None),
-    ("AtelierFluxFill", "loader_quant_unknown", flux, dict(loader=dict(quantization="fp3")), REJECT, None),
-    ("AtelierFluxFill", "loader_offload_unknown", flux, dict(loader=dict(offload="disk")), REJECT, None),
+    ("AtelierFluxFill", "loader_model_dotdot", flux, dict(loader=dict(model="../../../etc/passwd")), ERROR, None),
+    ("AtelierFluxFill", "loader_model_unknown", flux, dict(loader=dict(model="diffusers/nope")), ERROR, None),
+    ("AtelierFluxFill", "loader_quant_unknown", flux, dict(loader=dict(quantization="fp3")), ERROR, None),
+    ("AtelierFluxFill", "loader_offload_unknown", flux, dict(loader=dict(offload="disk")), ERROR, None),
     ("AtelierFluxFill", "loader_fbc_nan", flux, dict(loader=dict(first_block_cache=NAN)), ERROR, "first_block_cache"),
     ("AtelierFluxFill", "loader_fbc_2", flux, dict(loader=dict(first_block_cache=2.0)), REJECT, None),
     ("AtelierFluxFill", "truncated_safetensors", flux,
@@ -275,8 +278,8 @@ ROWS = [
     ("AtelierCaption", "odd_31x17", caption, dict(image=(31, 17, 1)), OK, None),
     ("AtelierCaption", "batch_3", caption, dict(image=(32, 32, 3)), OK, None),
     ("AtelierCaption", "rgba_png", caption, dict(image="corpus/rgba.png"), OK, None),
-    ("AtelierCaption", "task_unknown", caption, dict(task="poem"), REJECT, None),
-    ("AtelierCaption", "language_unknown", caption, dict(language="xx"), REJECT, None),
+    ("AtelierCaption", "task_unknown", caption, dict(task="poem"), ERROR, None),
+    ("AtelierCaption", "language_unknown", caption, dict(language="xx"), ERROR, None),
     ("AtelierCaption", "tokens_0", caption, dict(max_new_tokens=0), REJECT, None),
     ("AtelierCaption", "tokens_2p64", caption, dict(max_new_tokens=BIG), REJECT, None),
     ("AtelierCaption", "temperature_nan", caption, dict(temperature=NAN), ERROR, "temperature"),
@@ -285,8 +288,10 @@ ROWS = [
     ("AtelierCaption", "instruction_emoji", caption, dict(task="custom", instruction=EMOJI), OK, None),
     ("AtelierCaption", "instruction_surrogate", caption, dict(task="custom", instruction=SURROGATE), ERROR,
      "instruction"),
-    ("AtelierCaption", "loader_dotdot", caption, dict(loader=dict(model="../../secrets")), REJECT, None),
-    ("AtelierCaption", "loader_quant_unknown", caption, dict(loader=dict(quantization="int3")), REJECT, None),
+    ("AtelierCaption", "loader_dotdot", caption, dict(loader=dict(model="../../secrets")), ERROR, None),
+    ("AtelierCaption", "loader_quant_unknown", caption, dict(loader=dict(quantization="int3")), ERROR, None),
+    ("AtelierCaption", "loader_escape", caption, dict(loader=dict(model="../diffusers/flux-fill-tiny")), ERROR,
+     "leave models/LLM"),
     ("AtelierCaption", "broken_vlm_folder", caption, dict(loader=dict(model="broken-vlm")), ERROR, "broken-vlm"),
     # --- Background removal
     ("AtelierRemoveBackground", "good", bg, {}, OK, None),
@@ -300,8 +305,8 @@ ROWS = [
     ("AtelierRemoveBackground", "resolution_2p64", bg, dict(resolution=BIG), REJECT, None),
     ("AtelierRemoveBackground", "threshold_nan", bg, dict(mask_threshold=NAN), ERROR, "mask_threshold"),
     ("AtelierRemoveBackground", "threshold_2", bg, dict(mask_threshold=2.0), REJECT, None),
-    ("AtelierRemoveBackground", "model_dotdot", bg, dict(loader=dict(model="../u2netp.onnx")), REJECT, None),
-    ("AtelierRemoveBackground", "device_unknown", bg, dict(loader=dict(device="tpu")), REJECT, None),
+    ("AtelierRemoveBackground", "model_dotdot", bg, dict(loader=dict(model="../u2netp.onnx")), ERROR, None),
+    ("AtelierRemoveBackground", "device_unknown", bg, dict(loader=dict(device="tpu")), ERROR, None),
     ("AtelierRemoveBackground", "text_onnx", bg, dict(loader=dict(model="corrupt_text.onnx")), ERROR,
      "corrupt_text.onnx"),
     ("AtelierRemoveBackground", "zero_onnx", bg, dict(loader=dict(model="zero.onnx")), ERROR, "zero.onnx"),
@@ -330,7 +335,7 @@ ROWS = [
     ("AtelierSAM2Segment", "negative_malformed", sam2, dict(negative_points="{{"), ERROR, "negative_points"),
     ("AtelierSAM2Segment", "many_points", sam2, dict(points=str([[i % 60, i % 40] for i in range(2000)])), OK, None),
     ("AtelierSAM2Segment", "points_surrogate", sam2, dict(points="[[1, 2]] \udc00"), ERROR, "points"),
-    ("AtelierSAM2Segment", "model_dotdot", sam2, dict(loader=dict(model="../../x.pt")), REJECT, None),
+    ("AtelierSAM2Segment", "model_dotdot", sam2, dict(loader=dict(model="../../x.pt")), ERROR, None),
     ("AtelierSAM2Segment", "text_pt", sam2, dict(loader=dict(model="corrupt_text.pt")), ERROR, "corrupt_text.pt"),
     ("AtelierSAM2Segment", "zero_pt", sam2, dict(loader=dict(model="zero.pt")), ERROR, "zero.pt"),
     ("AtelierSAM2Segment", "truncated_safetensors", sam2, dict(loader=dict(model="truncated.safetensors")), ERROR,
@@ -349,18 +354,18 @@ ROWS = [
     ("AtelierPlacementMask", "scale_0", place, dict(scale=0.0), REJECT, None),
     ("AtelierPlacementMask", "band_2p64", place, dict(band=BIG), REJECT, None),
     ("AtelierPlacementMask", "feather_negative", place, dict(feather=-1), REJECT, None),
-    ("AtelierPlacementMask", "anchor_unknown", place, dict(anchor="middle-ish"), REJECT, None),
-    ("AtelierPlacementMask", "mode_unknown", place, dict(mode="magic"), REJECT, None),
+    ("AtelierPlacementMask", "anchor_unknown", place, dict(anchor="middle-ish"), ERROR, None),
+    ("AtelierPlacementMask", "mode_unknown", place, dict(mode="magic"), ERROR, None),
     # --- Qwen-Image-Layered split
     ("AtelierSplitLayers", "good", split, {}, OK, None),
     ("AtelierSplitLayers", "4096x16", split, dict(image=(4096, 16, 1)), OK, None),
     ("AtelierSplitLayers", "layers_0", split, dict(layers=0), REJECT, None),
     ("AtelierSplitLayers", "layers_2p64", split, dict(layers=BIG), REJECT, None),
     ("AtelierSplitLayers", "steps_1", split, dict(steps=1), REJECT, None),
-    ("AtelierSplitLayers", "resolution_unknown", split, dict(resolution="513"), REJECT, None),
+    ("AtelierSplitLayers", "resolution_unknown", split, dict(resolution="513"), ERROR, None),
     ("AtelierSplitLayers", "cfg_nan", split, dict(cfg=NAN), ERROR, "cfg"),
     ("AtelierSplitLayers", "prompt_surrogate", split, dict(prompt=SURROGATE), ERROR, "prompt"),
-    ("AtelierSplitLayers", "loader_other_model", split, dict(loader=dict(model="diffusers/flux-fill-tiny")), REJECT,
+    ("AtelierSplitLayers", "loader_other_model", split, dict(loader=dict(model="diffusers/flux-fill-tiny")), ERROR,
      None),
     ("AtelierSplitLayers", "loader_fbc_nan", split, dict(loader=dict(first_block_cache=NAN)), ERROR,
      "first_block_cache"),
@@ -411,7 +416,7 @@ ROWS = [
     ("AtelierExportLayers", "prefix_empty", export, dict(filename_prefix=""), OK, None),
     ("AtelierExportLayers", "prefix_unicode", export, dict(filename_prefix="corpus/한국어_🎨"), OK, None),
     ("AtelierExportLayers", "prefix_300_chars", export, dict(filename_prefix="x" * 300), ERROR, None),
-    ("AtelierExportLayers", "format_unknown", export, dict(format="tiff"), REJECT, None),
+    ("AtelierExportLayers", "format_unknown", export, dict(format="tiff"), ERROR, None),
     ("AtelierExportLayers", "psd_1x1", export, dict(format="psd", layers=(1, 1, 2), alphas=(1.0, 1, 1, 2)), OK, None),
     ("AtelierExportLayers", "pptx_4096x16", export, dict(format="pptx", layers=(4096, 16, 2),
                                                          alphas=(1.0, 4096, 16, 2)), OK, None),
@@ -430,13 +435,13 @@ ROWS = [
     ("AtelierPose", "keypoints_malformed", pose, dict(keypoints_in="[{"), ERROR, "keypoints_in"),
     ("AtelierPose", "keypoints_deep", pose, dict(keypoints_in=DEEP), ERROR, "keypoints_in"),
     ("AtelierPose", "keypoints_wrong_shape", pose, dict(keypoints_in='[{"people": 5}]'), ERROR, "keypoints_in"),
-    ("AtelierPose", "model_dotdot", pose, dict(model="../pose_landmark_full.tflite"), REJECT, None),
+    ("AtelierPose", "model_dotdot", pose, dict(model="../pose_landmark_full.tflite"), ERROR, None),
     ("AtelierPose", "text_tflite", pose, dict(model="corrupt_text.tflite"), ERROR, "corrupt_text.tflite"),
     ("AtelierPose", "zero_tflite", pose, dict(model="zero.tflite"), ERROR, "zero.tflite"),
     # --- Garment mask
     ("AtelierGarmentMask", "good", garment, {}, OK, None),
     ("AtelierGarmentMask", "1x1", garment, dict(image=(1, 1, 1)), OK, None),
-    ("AtelierGarmentMask", "garment_unknown", garment, dict(garment="hat"), REJECT, None),
+    ("AtelierGarmentMask", "garment_unknown", garment, dict(garment="hat"), ERROR, None),
     ("AtelierGarmentMask", "expand_nan", garment, dict(expand=NAN), ERROR, "expand"),
     ("AtelierGarmentMask", "person_mask_size", garment, dict(person_mask=(1.0, 10, 10, 1)), ERROR, "mask"),
     ("AtelierGarmentMask", "text_tflite", garment, dict(model="corrupt_text.tflite"), ERROR, "corrupt_text.tflite"),
@@ -446,7 +451,7 @@ ROWS = [
     ("AtelierDepth", "4096x16", depth, dict(image=(4096, 16, 1)), OK, None),
     ("AtelierDepth", "resolution_negative", depth, dict(resolution=-14), REJECT, None),
     ("AtelierDepth", "resolution_2p64", depth, dict(resolution=BIG), REJECT, None),
-    ("AtelierDepth", "model_dotdot", depth, dict(model="../LLM/tiny-qwen2_5_vl"), REJECT, None),
+    ("AtelierDepth", "model_dotdot", depth, dict(model="../LLM/tiny-qwen2_5_vl"), ERROR, None),
     ("AtelierDepth", "broken_folder", depth, dict(model="broken-depth"), ERROR, "broken-depth"),
     # --- FastComposer
     ("AtelierFastComposer", "good", compose, {}, OK, None),
@@ -462,7 +467,7 @@ ROWS = [
      "corrupt_text.bin"),
     ("AtelierFastComposer", "zero_safetensors", compose, dict(loader=dict(model="zero.safetensors")), ERROR,
      "zero.safetensors"),
-    ("AtelierFastComposer", "base_unknown", compose, dict(loader=dict(base="sdxl")), REJECT, None),
+    ("AtelierFastComposer", "base_unknown", compose, dict(loader=dict(base="sdxl")), ERROR, None),
     # --- Realtime character
     ("AtelierAnimateCharacter", "good", animate, {}, OK, None),
     ("AtelierAnimateCharacter", "1x1_pose", animate, dict(pose_image=(1, 1, 1)), OK, None),
@@ -482,7 +487,7 @@ ROWS = [
      "corrupt_ip"),
     ("AtelierAnimateCharacter", "controlnet_text", animate, dict(loader=dict(controlnet="corrupt_cn.safetensors")),
      ERROR, "corrupt_cn"),
-    ("AtelierAnimateCharacter", "model_dotdot", animate, dict(loader=dict(model="../../x.safetensors")), REJECT, None),
+    ("AtelierAnimateCharacter", "model_dotdot", animate, dict(loader=dict(model="../../x.safetensors")), ERROR, None),
 ]
 
 # after each node's group: the server answers and the group's good prompt runs again (another seed where it has one)
@@ -562,6 +567,10 @@ def test_case(row, client, comfy_server, choices):
     t0 = time.monotonic()
     got, message = outcome(client, prompt)
     OUTCOMES[(node, case)] = (got, round(time.monotonic() - t0, 2))
+    if os.environ.get("ATELIER_CORPUS_LOG"):  # one JSON line per case, as it happens (for reports)
+        with open(os.environ["ATELIER_CORPUS_LOG"], "a", encoding="utf-8") as f:
+            f.write(json.dumps({"node": node, "case": case, "expected": expected, "got": got,
+                                "seconds": OUTCOMES[(node, case)][1], "message": message[:400]}) + "\n")
     assert comfy_server.alive(), f"server died on {node}/{case}"
     assert got == expected, f"{node}/{case}: expected {expected}, got {got}: {message[:600]}"
     if needle and got == ERROR:

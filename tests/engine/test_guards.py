@@ -178,3 +178,14 @@ def test_truncated_flux_transformer_is_called_a_partial_download(tmp_path):
     files = FluxFillFiles(layout="single_file", path=str(path))
     with pytest.raises(ModelFileError, match="partial download"):
         fill.check_files(files)
+
+
+@pytest.mark.parametrize("name", ["../diffusers/flux", "/etc", "a/../../b", ""])
+def test_vlm_folder_names_that_leave_models_llm_are_refused(tmp_path, name):
+    from atelier import captioner
+    from atelier.errors import ModelFileError
+
+    (tmp_path / "LLM").mkdir()
+    (tmp_path / "diffusers" / "flux").mkdir(parents=True)
+    with pytest.raises(ModelFileError, match="leave models/LLM"):
+        captioner.resolve_folder(name, [tmp_path / "LLM"])
