@@ -39,6 +39,18 @@ def check_inputs(inputs: Mapping[str, Any]) -> None:
             check_text(name, value)
 
 
+def check_choices(inputs: Mapping[str, Any], options: Mapping[str, Any]) -> None:
+    """Each combo input's value is one of its options ({input: options}); ComfyUI 0.3.75 does not check V3 combos
+    at validation, so an API client's typo or a ``../`` model name would otherwise reach the node."""
+    for name, allowed in options.items():
+        value = inputs.get(name)
+        if value is None or not allowed or value in allowed:
+            continue
+        listed = ", ".join(map(str, list(allowed)[:12])) + (", …" if len(allowed) > 12 else "")
+        raise InputError(f"'{name}' one of {listed}", repr(value)[:200],
+                         f"Pick '{name}' from the node's list (refresh with R if a model file was just added).")
+
+
 def check_text(name: str, text: str) -> None:
     try:
         text.encode("utf-8")

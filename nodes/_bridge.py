@@ -293,6 +293,7 @@ def guard(node_class: type) -> type:
     @functools.wraps(run)
     def execute(cls, *args, **kwargs):
         guards.check_inputs(kwargs)
+        guards.check_choices(kwargs, combo_options(node_class))
         try:
             return run(cls, *args, **kwargs)
         except Exception as e:
@@ -311,6 +312,12 @@ def guard(node_class: type) -> type:
     node_class.execute = classmethod(execute)
     node_class._atelier_guarded = True
     return node_class
+
+
+def combo_options(node_class: type) -> dict:
+    """{input: options} of a node's combo inputs, as its schema lists them now (file lists are current)."""
+    return {i.id: list(i.options) for i in node_class.define_schema().inputs
+            if isinstance(i, io.Combo.Input) and getattr(i, "options", None)}
 
 
 def load_stage(stage: Stage, spec):

@@ -61,12 +61,13 @@ def layer_png(w: int = 8, h: int = 8) -> bytes:
 def write_all(base: Path, tiny_flux: dict) -> None:
     models, inputs = base / "models", base / "input"
     transformer = Path(tiny_flux["transformer"]).read_bytes()
+    # names no "auto" choice picks (auto looks for clip_l / t5 / ae / flux in the name): other tiers share the server
     model_files = {
         "diffusion_models/flux1-fill-truncated.safetensors": transformer[: len(transformer) // 2],
         "diffusion_models/flux1-fill-lying.safetensors": lying_safetensors(Path(tiny_flux["transformer"])),
-        "text_encoders/clip_l_zero.safetensors": b"",
-        "text_encoders/clip_l_text.safetensors": TEXT,
-        "vae/ae_lying.safetensors": lying_safetensors(Path(tiny_flux["vae"])),
+        "text_encoders/corrupt_zero_te.safetensors": b"",
+        "text_encoders/corrupt_text_te.safetensors": TEXT,
+        "vae/corrupt_lying_v.safetensors": lying_safetensors(Path(tiny_flux["vae"])),
         "background_removal/corrupt_text.onnx": TEXT,
         "background_removal/zero.onnx": b"",
         "background_removal/truncated.safetensors": transformer[:1000],

@@ -65,7 +65,7 @@ class G:
 
 def _source(g: G, spec, default_kind: str = "img") -> list:
     """An image/mask input: a tuple (w, h, b[, color/value]) built from core nodes, a file name, or a link."""
-    if isinstance(spec, list):
+    if spec is DROP or isinstance(spec, list):
         return spec
     if isinstance(spec, str):
         return g.file(spec)
@@ -264,11 +264,14 @@ ROWS = [
     ("AtelierFluxFill", "lying_header", flux,
      dict(loader=dict(model="diffusion_models/flux1-fill-lying.safetensors")), ERROR, "flux1-fill-lying"),
     ("AtelierFluxFill", "zero_byte_clip_l", flux, dict(loader=dict(
-        model="diffusion_models/flux1-fill-tiny.safetensors", clip_l="clip_l_zero.safetensors")), ERROR, "clip_l_zero"),
+        model="diffusion_models/flux1-fill-tiny.safetensors", clip_l="corrupt_zero_te.safetensors")), ERROR,
+     "corrupt_zero_te"),
     ("AtelierFluxFill", "text_clip_l", flux, dict(loader=dict(
-        model="diffusion_models/flux1-fill-tiny.safetensors", clip_l="clip_l_text.safetensors")), ERROR, "clip_l_text"),
+        model="diffusion_models/flux1-fill-tiny.safetensors", clip_l="corrupt_text_te.safetensors")), ERROR,
+     "corrupt_text_te"),
     ("AtelierFluxFill", "lying_vae", flux, dict(loader=dict(
-        model="diffusion_models/flux1-fill-tiny.safetensors", vae="ae_lying.safetensors")), ERROR, "ae_lying"),
+        model="diffusion_models/flux1-fill-tiny.safetensors", vae="corrupt_lying_v.safetensors")), ERROR,
+     "corrupt_lying_v"),
     ("AtelierFluxFill", "folder_without_parts", flux, dict(loader=dict(model="diffusers/not-a-flux")), ERROR,
      "not-a-flux"),
     # --- Caption (VLM loader + caption)
@@ -291,7 +294,7 @@ ROWS = [
     ("AtelierCaption", "loader_dotdot", caption, dict(loader=dict(model="../../secrets")), ERROR, None),
     ("AtelierCaption", "loader_quant_unknown", caption, dict(loader=dict(quantization="int3")), ERROR, None),
     ("AtelierCaption", "loader_escape", caption, dict(loader=dict(model="../diffusers/flux-fill-tiny")), ERROR,
-     "leave models/LLM"),
+     "'model'"),
     ("AtelierCaption", "broken_vlm_folder", caption, dict(loader=dict(model="broken-vlm")), ERROR, "broken-vlm"),
     # --- Background removal
     ("AtelierRemoveBackground", "good", bg, {}, OK, None),

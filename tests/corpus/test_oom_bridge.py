@@ -117,3 +117,22 @@ def test_other_errors_and_stop_pass_through_untouched(bridge):
 
     with pytest.raises(KeyError):
         _node(bridge, key).execute()
+
+
+def test_guard_checks_combo_values_against_the_schema(bridge):
+    from comfy_api.latest import io
+
+    class FakeLoader(io.ComfyNode):
+        @classmethod
+        def define_schema(cls):
+            return io.Schema(node_id="AtelierFakeLoader", inputs=[
+                io.Combo.Input("offload", options=["auto", "none", "model"], tooltip="t")], outputs=[])
+
+        @classmethod
+        def execute(cls, offload):
+            return offload
+
+    node = bridge.guard(FakeLoader)
+    assert node.execute(offload="model") == "model"
+    with pytest.raises(bridge.guards.InputError, match="'offload' one of auto, none, model; got 'disk'"):
+        node.execute(offload="disk")

@@ -189,3 +189,12 @@ def test_vlm_folder_names_that_leave_models_llm_are_refused(tmp_path, name):
     (tmp_path / "diffusers" / "flux").mkdir(parents=True)
     with pytest.raises(ModelFileError, match="leave models/LLM"):
         captioner.resolve_folder(name, [tmp_path / "LLM"])
+
+
+def test_unknown_combo_values_are_refused_naming_the_input():
+    options = {"quantization": ["none", "int8", "nf4"], "model": ["u2netp.onnx"]}
+    guards.check_choices({"quantization": "nf4", "model": "u2netp.onnx", "steps": 3}, options)
+    with pytest.raises(InputError, match="'quantization' one of none, int8, nf4; got 'fp3'"):
+        guards.check_choices({"quantization": "fp3"}, options)
+    with pytest.raises(InputError, match="'model'"):
+        guards.check_choices({"model": "../u2netp.onnx"}, options)
