@@ -41,6 +41,7 @@ MANIFEST_FORMAT = "atelier-layers"
 EMU_PER_INCH = 914400
 PX_PER_INCH = 96  # python-pptx / PowerPoint / LibreOffice: 1 px = 9525 EMU at 100 %
 SLIDE_MIN_EMU, SLIDE_MAX_EMU = EMU_PER_INCH, 56 * EMU_PER_INCH  # PowerPoint's slide size limits (1 in … 56 in)
+MAX_NAME_BYTES = 200  # a prefix part; the counter and suffix must still fit the 255-byte file name limit
 MAX_ZIP_BYTES = 4 * 1024**3  # uncompressed, all members: refuse archives that would not fit a sane workstation
 MAX_SIDE = 30000  # PSD's own limit; PSB (larger) is not read
 MAX_STACK_BYTES = 8 * 1024**3  # layers × height × width × 4 bytes read into memory at once
@@ -172,6 +173,8 @@ def output_paths(output_dir: str | os.PathLike, prefix: str, names: list[str]) -
         bad = "it climbs out with '..'"
     elif raw.endswith("/"):
         bad = "it names a folder but no file name"
+    elif any(len(part.encode("utf-8")) > MAX_NAME_BYTES for part in raw.split("/")):
+        bad = f"a part of it is longer than {MAX_NAME_BYTES} bytes (file systems allow 255 per name)"
     if bad is None:
         folder = (root / raw).parent.resolve()
         if folder != root and root not in folder.parents:
@@ -313,6 +316,10 @@ def write_pptx(stack: LayerStack, path: str | os.PathLike) -> Path:
     Emu = _require("pptx.util", "python-pptx").Emu
 
     path = Path(path)
+    if max(stack.width, stack.height) * SLIDE_MIN_EMU > min(stack.width, stack.height) * SLIDE_MAX_EMU:
+        raise InputError(f"a canvas at most {SLIDE_MAX_EMU // SLIDE_MIN_EMU}:1 for a PPTX slide (PowerPoint's "
+                         "1–56 inch limits)", f"{stack.width}×{stack.height}",
+                         "Export this strip as psd, zip or png, or pad the layers to a wider canvas first.")
     emu = slide_scale(stack.width, stack.height)
     prs = Presentation()
     prs.slide_width, prs.slide_height = Emu(stack.width * emu), Emu(stack.height * emu)

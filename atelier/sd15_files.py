@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from . import weights
 from .errors import ModelFileError
 from .flux_files import config_dir, read_safetensors_header
 
@@ -49,15 +50,7 @@ def facts(name: str) -> dict:
 
 def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` file, or of a ``.pth``/``.ckpt``/``.bin`` read with ``weights_only=True``."""
-    path = str(path)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    return state
+    return weights.read_state_dict(path)  # a damaged or foreign file: a ModelFileError naming it
 
 
 def shapes(path: str | os.PathLike) -> dict[str, list[int]]:

@@ -174,7 +174,7 @@ def pose(c, image=(48, 64, 1), **kw):
     return g.nodes
 
 
-def garment(c, image=(48, 64, 1), person_mask=None, **kw):
+def garment(c, image="atelier_person.png", person_mask=None, **kw):
     g = G()
     extra = {"person_mask": _source(g, person_mask, "mask")} if person_mask is not None else {}
     out = g.add("AtelierGarmentMask", image=_source(g, image), **extra,
@@ -415,14 +415,14 @@ ROWS = [
     ("AtelierExportLayers", "prefix_absolute", export, dict(filename_prefix="/tmp/evil_export"), ERROR, None),
     ("AtelierExportLayers", "prefix_nested_dotdot", export, dict(filename_prefix="a/../../../evil_export"), ERROR,
      None),
-    ("AtelierExportLayers", "prefix_backslash", export, dict(filename_prefix="..\\..\\evil_export"), OK, None),
-    ("AtelierExportLayers", "prefix_empty", export, dict(filename_prefix=""), OK, None),
+    ("AtelierExportLayers", "prefix_backslash", export, dict(filename_prefix="..\\..\\evil_export"), ERROR, "'..'"),
+    ("AtelierExportLayers", "prefix_empty", export, dict(filename_prefix=""), ERROR, "empty"),
     ("AtelierExportLayers", "prefix_unicode", export, dict(filename_prefix="corpus/한국어_🎨"), OK, None),
-    ("AtelierExportLayers", "prefix_300_chars", export, dict(filename_prefix="x" * 300), ERROR, None),
+    ("AtelierExportLayers", "prefix_300_chars", export, dict(filename_prefix="x" * 300), ERROR, "255"),
     ("AtelierExportLayers", "format_unknown", export, dict(format="tiff"), ERROR, None),
     ("AtelierExportLayers", "psd_1x1", export, dict(format="psd", layers=(1, 1, 2), alphas=(1.0, 1, 1, 2)), OK, None),
     ("AtelierExportLayers", "pptx_4096x16", export, dict(format="pptx", layers=(4096, 16, 2),
-                                                         alphas=(1.0, 4096, 16, 2)), OK, None),
+                                                         alphas=(1.0, 4096, 16, 2)), ERROR, "PPTX"),
     ("AtelierExportLayers", "names_malformed", export, dict(layer_names='["a", '), OK, None),
     ("AtelierExportLayers", "names_hostile", export, dict(format="png", layer_names="../../evil_name,/etc/x"), OK,
      None),
@@ -443,7 +443,7 @@ ROWS = [
     ("AtelierPose", "zero_tflite", pose, dict(model="zero.tflite"), ERROR, "zero.tflite"),
     # --- Garment mask
     ("AtelierGarmentMask", "good", garment, {}, OK, None),
-    ("AtelierGarmentMask", "1x1", garment, dict(image=(1, 1, 1)), OK, None),
+    ("AtelierGarmentMask", "1x1", garment, dict(image=(1, 1, 1)), ERROR, "person"),
     ("AtelierGarmentMask", "garment_unknown", garment, dict(garment="hat"), ERROR, None),
     ("AtelierGarmentMask", "expand_nan", garment, dict(expand=NAN), ERROR, "expand"),
     ("AtelierGarmentMask", "person_mask_size", garment, dict(person_mask=(1.0, 10, 10, 1)), ERROR, "mask"),
@@ -460,7 +460,7 @@ ROWS = [
     ("AtelierFastComposer", "good", compose, {}, OK, None),
     ("AtelierFastComposer", "two_subjects_one_token", compose, dict(subjects=(32, 32, 2)), ERROR, "subject"),
     ("AtelierFastComposer", "no_token", compose, dict(prompt="a park"), ERROR, "subject"),
-    ("AtelierFastComposer", "1x1_subject", compose, dict(subjects=(1, 1, 1)), OK, None),
+    ("AtelierFastComposer", "1x1_subject", compose, dict(subjects=(1, 1, 1)), ERROR, "16×16"),
     ("AtelierFastComposer", "masks_mismatch", compose, dict(masks=(1.0, 32, 32, 3)), ERROR, "mask"),
     ("AtelierFastComposer", "width_63", compose, dict(width=63), REJECT, None),
     ("AtelierFastComposer", "alpha_nan", compose, dict(alpha=NAN), ERROR, "alpha"),
@@ -473,7 +473,7 @@ ROWS = [
     ("AtelierFastComposer", "base_unknown", compose, dict(loader=dict(base="sdxl")), ERROR, None),
     # --- Realtime character
     ("AtelierAnimateCharacter", "good", animate, {}, OK, None),
-    ("AtelierAnimateCharacter", "1x1_pose", animate, dict(pose_image=(1, 1, 1)), OK, None),
+    ("AtelierAnimateCharacter", "1x1_pose", animate, dict(pose_image=(1, 1, 1)), ERROR, "8×8"),
     ("AtelierAnimateCharacter", "4096x16_reference", animate, dict(reference=(4096, 16, 1)), OK, None),
     ("AtelierAnimateCharacter", "steps_0", animate, dict(steps=0), REJECT, None),
     ("AtelierAnimateCharacter", "batch_0", animate, dict(batch=0), REJECT, None),

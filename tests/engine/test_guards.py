@@ -198,3 +198,35 @@ def test_unknown_combo_values_are_refused_naming_the_input():
         guards.check_choices({"quantization": "fp3"}, options)
     with pytest.raises(InputError, match="'model'"):
         guards.check_choices({"model": "../u2netp.onnx"}, options)
+
+
+def test_export_prefix_too_long_and_pptx_strip_are_input_errors(tmp_path):
+    with pytest.raises(InputError, match="filename_prefix"):
+        layer_files.output_paths(tmp_path, "x" * 300, [".psd"])
+    strip = layer_files.LayerStack(np.zeros((1, 16, 4096, 4), np.uint8), ["a"])
+    with pytest.raises(InputError, match="PPTX"):
+        layer_files.write_pptx(strip, tmp_path / "s.pptx")
+    assert not list(tmp_path.glob("*.pptx*"))
+
+
+@pytest.mark.parametrize("loader", ["fastcomposer", "sd15"])
+def test_text_file_named_bin_is_a_model_file_error(tmp_path, loader):
+    from atelier import fastcomposer, sd15_files
+    from atelier.errors import ModelFileError
+
+    path = tmp_path / "corrupt.bin"
+    path.write_text("this is a text file, not a model\n")
+    load = fastcomposer._load_state_dict if loader == "fastcomposer" else sd15_files.load_state
+    with pytest.raises(ModelFileError, match="corrupt.bin"):
+        load(path)
+
+
+def test_depth_pads_long_strips_and_crops_back():
+    from PIL import Image
+
+    from atelier import depth
+
+    pil, (left, top) = depth._pad_strip(Image.new("RGB", (4096, 16), (9, 9, 9)))
+    assert pil.size == (4096, 512) and (left, top) == (0, 248)
+    same, offset = depth._pad_strip(Image.new("RGB", (64, 48)))
+    assert same.size == (64, 48) and offset == (0, 0)
