@@ -230,3 +230,13 @@ def test_depth_pads_long_strips_and_crops_back():
     assert pil.size == (4096, 512) and (left, top) == (0, 248)
     same, offset = depth._pad_strip(Image.new("RGB", (64, 48)))
     assert same.size == (64, 48) and offset == (0, 0)
+
+
+def test_grouped_ip_adapter_bin_still_reads(tmp_path):
+    from atelier import sd15_files
+
+    path = tmp_path / "ip.bin"
+    torch.save({"image_proj": {"proj.weight": torch.ones(2, 2)}, "ip_adapter": {"1.to_k_ip.weight": torch.ones(2)}},
+               path)
+    state = sd15_files.load_state(path)
+    assert set(state) == {"image_proj", "ip_adapter"} and state["image_proj"]["proj.weight"].shape == (2, 2)
