@@ -155,16 +155,17 @@ def _size_override(processor: Any, resolution: int) -> dict:
     return {"size": {"height": resolution, "width": resolution}}
 
 
+MIN_SIDE = 14  # one ViT patch: a smaller picture gives an empty depth map
 MAX_ASPECT = 8  # the processors scale the long side to ~518 px: a longer strip would leave a side of 0 patches
 
 
 def _pad_strip(pil):
-    """A picture whose aspect ratio exceeds MAX_ASPECT, padded (centred, edge colour) so the processor keeps both
+    """A picture under MIN_SIDE or with an aspect ratio over MAX_ASPECT, padded (centred, edge colour) so the processor keeps both
     sides; returns (picture, (left, top) of the original in it): the depth is cropped back to the original."""
     from PIL import ImageOps
 
     w, h = pil.size
-    nw, nh = max(w, -(-h // MAX_ASPECT)), max(h, -(-w // MAX_ASPECT))
+    nw, nh = max(w, MIN_SIDE, -(-h // MAX_ASPECT)), max(h, MIN_SIDE, -(-w // MAX_ASPECT))
     if (nw, nh) == (w, h):
         return pil, (0, 0)
     left, top = (nw - w) // 2, (nh - h) // 2

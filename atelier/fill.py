@@ -70,6 +70,8 @@ def check_files(files: FluxFillFiles) -> None:
     flux_files.require_file(files.clip_l, "clip_l", "text_encoders")
     flux_files.require_file(files.t5xxl, "t5xxl", "text_encoders")
     flux_files.require_file(files.vae, "vae", "vae")
+    for part in (files.clip_l, files.t5xxl, files.vae):
+        read_safetensors_header(part)  # a damaged part is named now, not by the library mid-load
     for tok, name in ((files.clip_tokenizer, "CLIP tokenizer"), (files.t5_tokenizer, "T5 tokenizer")):
         if not tok or not os.path.isdir(tok):
             raise ModelFileError(f"the {name} folder", f"'{tok}'", "ComfyUI ships both tokenizers; reinstall ComfyUI if they are missing.")

@@ -406,6 +406,7 @@ ROWS = [
     ("AtelierCombineLayers", "order_99", combine, dict(order="99"), ERROR, "order"),
     ("AtelierCombineLayers", "order_negative", combine, dict(order="-1"), ERROR, "order"),
     ("AtelierCombineLayers", "order_2p64", combine, dict(order=str(BIG)), ERROR, "order"),
+    ("AtelierCombineLayers", "order_huge_range", combine, dict(order="1-18446744073709551616"), ERROR, "order"),
     ("AtelierCombineLayers", "batch_mismatch", combine, dict(alphas=(1.0, 16, 16, 2)), ERROR, None),
     ("AtelierCombineLayers", "alpha_size_mismatch", combine, dict(alphas=(1.0, 8, 8, 3)), ERROR, None),
     ("AtelierCombineLayers", "1x1", combine, dict(layers=(1, 1, 3), alphas=(0.0, 1, 1, 3)), OK, None),

@@ -29,7 +29,10 @@ def bridge():
         import comfy.options
 
         comfy.options.enable_args_parsing()
-        import comfy.model_management  # noqa: F401  (parses --cpu now)
+        import comfy.cli_args
+
+        comfy.cli_args.args.cpu = True  # also when another test imported cli_args before (args not parsed then)
+        import comfy.model_management  # noqa: F401  (CPU from here on)
 
         if "atelier_pack" not in sys.modules:
             spec = importlib.util.spec_from_file_location("atelier_pack", REPO_ROOT / "__init__.py",

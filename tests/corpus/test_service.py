@@ -43,7 +43,7 @@ def soak_prompt(c, i: int) -> dict:
     if kind == 0:
         return flux(c, image=(32 + 16 * (i % 3), 32, 1), mask=(1.0, 32 + 16 * (i % 3), 32, 1), seed=i)
     if kind == 1:
-        return bg(c, image=(40, 24 + i % 5, 1), resolution=[0, 64, 96][i % 3])
+        return bg(c, image=(40 + i % 3, 24 + i % 5, 1), mask_threshold=[0.0, 0.3, 0.6][i % 3])
     if kind == 2:
         return sam2(c, points=f"[[{5 + i % 50}, {7 + i % 30}]]")
     if kind == 3:
@@ -177,7 +177,7 @@ def test_two_clients_interrupt_and_free_see_only_their_own(comfy_server, c):
         wb.wait_for("status", timeout=10)
         pa = a.queue(flux(c, image=(96, 96, 1), mask=(1.0, 96, 96, 1), steps=12, seed=77, prompt="client a"))
         wa.wait_for(lambda m: m["type"] == "progress" and (m.get("data") or {}).get("prompt_id") == pa, timeout=300)
-        pb = b.queue(bg(c, image=(40, 30, 1), resolution=64))
+        pb = b.queue(bg(c, image=(40, 30, 1), mask_threshold=0.25))
         b.interrupt(pb)  # B's own prompt is not the running one: A's must not stop
         b.free(unload_models=True, free_memory=True)
         ea, eb = a.wait(pa, timeout=300), b.wait(pb, timeout=300)

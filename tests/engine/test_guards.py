@@ -240,3 +240,26 @@ def test_grouped_ip_adapter_bin_still_reads(tmp_path):
                path)
     state = sd15_files.load_state(path)
     assert set(state) == {"image_proj", "ip_adapter"} and state["image_proj"]["proj.weight"].shape == (2, 2)
+
+
+def test_safetensors_header_whose_offsets_lie_is_a_model_file_error(tmp_path):
+    import struct
+
+    from atelier.errors import ModelFileError
+    from atelier.weights import read_safetensors_header
+
+    header = json.dumps({"a": {"dtype": "F32", "shape": [1000], "data_offsets": [0, 4000]},
+                         "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}).encode()
+    path = tmp_path / "lying.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4000)
+    with pytest.raises(ModelFileError, match="lying.safetensors.*overlap"):
+        read_safetensors_header(path)
+
+
+def test_combine_order_errors_name_the_input_and_huge_ranges_are_refused_at_once():
+    from atelier import layers
+
+    for text in ("1,,x", "0", "99", "1-18446744073709551616", "2,2"):
+        with pytest.raises(InputError, match="order"):
+            layers.parse_order(text, 3)
+    assert layers.parse_order("3-1", 3) == [2, 1, 0]
