@@ -39,16 +39,21 @@ def check_inputs(inputs: Mapping[str, Any]) -> None:
             check_text(name, value)
 
 
+# combo inputs that list model files: the loaders resolve these themselves (inside their models/ folder) and say
+# what they found there ("no such file", "a FluxPipeline folder"), which teaches more than the list would
+FILE_CHOICES = frozenset({"model", "clip_l", "t5xxl", "vae", "controlnet", "ip_adapter", "clip_vision", "fast_lora",
+                          "base"})
+
+
 def check_choices(inputs: Mapping[str, Any], options: Mapping[str, Any]) -> None:
     """Each combo input's value is one of its options ({input: options}); ComfyUI 0.3.75 does not check V3 combos
-    at validation, so an API client's typo or a ``../`` model name would otherwise reach the node."""
+    at validation, so an API client's typo would otherwise reach the node (a 'tpu' device ran on the CPU)."""
     for name, allowed in options.items():
         value = inputs.get(name)
-        if value is None or not allowed or value in allowed:
+        if name in FILE_CHOICES or value is None or not allowed or value in allowed:
             continue
         listed = ", ".join(map(str, list(allowed)[:12])) + (", …" if len(allowed) > 12 else "")
-        raise InputError(f"'{name}' one of {listed}", repr(value)[:200],
-                         f"Pick '{name}' from the node's list (refresh with R if a model file was just added).")
+        raise InputError(f"{name} one of {listed}", repr(value)[:200], "Pick one of the listed values.")
 
 
 def check_text(name: str, text: str) -> None:

@@ -294,7 +294,7 @@ ROWS = [
     ("AtelierCaption", "loader_dotdot", caption, dict(loader=dict(model="../../secrets")), ERROR, None),
     ("AtelierCaption", "loader_quant_unknown", caption, dict(loader=dict(quantization="int3")), ERROR, None),
     ("AtelierCaption", "loader_escape", caption, dict(loader=dict(model="../diffusers/flux-fill-tiny")), ERROR,
-     "'model'"),
+     "leave models/LLM"),
     ("AtelierCaption", "broken_vlm_folder", caption, dict(loader=dict(model="broken-vlm")), ERROR, "broken-vlm"),
     # --- Background removal
     ("AtelierRemoveBackground", "good", bg, {}, OK, None),
@@ -308,8 +308,9 @@ ROWS = [
     ("AtelierRemoveBackground", "resolution_2p64", bg, dict(resolution=BIG), REJECT, None),
     ("AtelierRemoveBackground", "threshold_nan", bg, dict(mask_threshold=NAN), ERROR, "mask_threshold"),
     ("AtelierRemoveBackground", "threshold_2", bg, dict(mask_threshold=2.0), REJECT, None),
-    ("AtelierRemoveBackground", "model_dotdot", bg, dict(loader=dict(model="../u2netp.onnx")), ERROR, None),
-    ("AtelierRemoveBackground", "device_unknown", bg, dict(loader=dict(device="tpu")), ERROR, None),
+    # ComfyUI's folder_paths turns "../u2netp.onnx" into "u2netp.onnx": read inside models/, a sane result
+    ("AtelierRemoveBackground", "model_dotdot", bg, dict(loader=dict(model="../u2netp.onnx")), OK, None),
+    ("AtelierRemoveBackground", "device_unknown", bg, dict(loader=dict(device="tpu")), ERROR, "device"),
     ("AtelierRemoveBackground", "text_onnx", bg, dict(loader=dict(model="corrupt_text.onnx")), ERROR,
      "corrupt_text.onnx"),
     ("AtelierRemoveBackground", "zero_onnx", bg, dict(loader=dict(model="zero.onnx")), ERROR, "zero.onnx"),
@@ -439,7 +440,7 @@ ROWS = [
     ("AtelierPose", "keypoints_malformed", pose, dict(keypoints_in="[{"), ERROR, "keypoints_in"),
     ("AtelierPose", "keypoints_deep", pose, dict(keypoints_in=DEEP), ERROR, "keypoints_in"),
     ("AtelierPose", "keypoints_wrong_shape", pose, dict(keypoints_in='[{"people": 5}]'), ERROR, "keypoints_in"),
-    ("AtelierPose", "model_dotdot", pose, dict(model="../pose_landmark_full.tflite"), ERROR, None),
+    ("AtelierPose", "model_dotdot", pose, dict(model="../pose_landmark_full.tflite"), OK, None),
     ("AtelierPose", "text_tflite", pose, dict(model="corrupt_text.tflite"), ERROR, "corrupt_text.tflite"),
     ("AtelierPose", "zero_tflite", pose, dict(model="zero.tflite"), ERROR, "zero.tflite"),
     # --- Garment mask

@@ -137,5 +137,5 @@ def test_guard_checks_combo_values_against_the_schema(bridge):
 
     node = bridge.guard(FakeLoader)
     assert node.execute(offload="model") == "model"
-    with pytest.raises(bridge.guards.InputError, match="'offload' one of auto, none, model; got 'disk'"):
+    with pytest.raises(bridge.guards.InputError, match="offload one of auto, none, model; got 'disk'"):
         node.execute(offload="disk")
