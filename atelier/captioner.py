@@ -26,6 +26,7 @@ from .errors import InputError, ModelFileError, SettingError
 from .images import check_image, to_uint8
 from .memory import (
     GiB,
+    check_quant_dtype,
     check_quantization,
     dtype_name,
     footprint,
@@ -248,6 +249,7 @@ def resolve(spec: VLMSpec, free_vram: int | None = None):
         raise SettingError("offload one of auto, none, model", repr(spec.offload), "Pick one of the listed values.")
     check_quantization(spec.quantization, spec.device)
     dtype = resolve_dtype(spec.dtype, spec.device)
+    check_quant_dtype(spec.quantization, dtype)
     fp = footprint(part_sizes(spec.path), spec.quantization, dtype)
     mode, why = plan_offload(spec.offload, spec.device, fp, free_vram)
     if mode == "sequential":  # our "model" mode already spills whatever does not fit into RAM

@@ -15,15 +15,23 @@ from pathlib import Path
 
 import torch
 
-from . import flux_files, pipelines
+from . import flux_files, lora, pipelines
 from .errors import InputError, ModelFileError
 from .guards import check_inputs
 from .images import check_image, check_mask, composite, match_mask_to_images, pad_to_multiple, to_bchw, to_bhwc
 from .memory import (
+    ACTIVATION_RESERVE,
+    BudgetPlan,
     Footprint,
+    PartBlocks,
     diffusers_quant_config,
     dtype_name,
+    free_cuda_bytes,
+    is_cuda,
+    plan_budget,
+    quant_mode,
     resident_vram,
+    resolve_dtype,
     transformers_quant_config,
 )
 from .progress import NullProgress, Progress
@@ -34,6 +42,7 @@ from .weights import read_safetensors_header
 log = logging.getLogger("atelier")
 
 T5_MAX_LENGTH = 512
+LORA_BASE = "FLUX.1 (dev / Fill)"
 
 
 # ------------------------------------------------------------------------------------------------ sizes
@@ -54,6 +63,33 @@ def part_sizes(files: FluxFillFiles) -> dict[str, int]:
         "text_encoders": pipelines.bytes16([Path(p) for p in (files.clip_l, files.t5xxl) if p]),
         "vae": pipelines.bytes16([Path(files.vae)] if files.vae else []),
     }
+
+
+# block lists of each part: key prefix in the files → module path, in execution order
+_DIFFUSERS_LISTS = {"transformer_blocks": "transformer_blocks", "single_transformer_blocks": "single_transformer_blocks"}
+_BFL_LISTS = {"double_blocks": "transformer_blocks", "single_blocks": "single_transformer_blocks"}
+_T5_LISTS = {"encoder.block": "encoder.block"}
+_CLIP_LISTS = {"text_model.encoder.layers": "encoder.layers",  # ComfyUI's clip_l files
+               "encoder.layers": "encoder.layers"}  # transformers 5 (4.x nests it in text_model: see submodule)
+
+
+def part_blocks(files: FluxFillFiles, quantization: str, dtype: torch.dtype) -> list[PartBlocks]:
+    """The parts' blocks in run bytes for the budget planner, denoiser first (it runs every step), from headers.
+    Quantized: the transformer and T5 (see :func:`_build_pipeline`); CLIP and the VAE keep the run dtype."""
+    scale = 2.0 if dtype == torch.float32 else 1.0
+    q = quant_mode(quantization).bytes_factor
+    qf = q if q < 1 else scale
+    if files.layout == "diffusers":
+        root = Path(files.path)
+        sub = lambda name: sorted((root / name).glob("*.safetensors"))  # noqa: E731
+        t, t5, clip, vae = sub("transformer"), sub("text_encoder_2"), sub("text_encoder"), sub("vae")
+        tl = _DIFFUSERS_LISTS
+    else:
+        t, tl = [Path(files.path)], _BFL_LISTS
+        t5, clip, vae = ([Path(p)] if p else [] for p in (files.t5xxl, files.clip_l, files.vae))
+    return [pipelines.part_blocks("transformer", t, tl, qf), pipelines.part_blocks("text_encoder_2", t5, _T5_LISTS, qf),
+            pipelines.part_blocks("text_encoder", clip, _CLIP_LISTS, scale),
+            pipelines.part_blocks("vae", vae, {}, scale)]
 
 
 def check_files(files: FluxFillFiles) -> None:
@@ -92,38 +128,55 @@ class FluxFillModel(pipelines.LoadedPipeline):
 
 def resolve(spec: FluxFillSpec, free_vram: int | None = None) -> tuple[str, torch.dtype, str, Footprint]:
     """Offload mode, dtype and why, plus the size estimate, without loading anything."""
-    return pipelines.resolve(spec, part_sizes(spec.files), free_vram)
+    return pipelines.resolve(spec, part_sizes(spec.files), free_vram,
+                             blocks=lambda dtype: part_blocks(spec.files, spec.quantization, dtype))
 
 
 def make_handle(spec: FluxFillSpec, free_vram: int | None = None) -> FluxFillHandle:
     check_files(spec.files)
+    if free_vram is None and spec.offload == "auto" and is_cuda(spec.device):
+        free_vram = free_cuda_bytes(spec.device)
     mode, dtype, _, _ = resolve(spec, free_vram)
-    return FluxFillHandle(spec=spec, offload=mode, dtype=dtype_name(dtype))
+    return FluxFillHandle(spec=spec, offload=mode, dtype=dtype_name(dtype),
+                          vram_budget=free_vram if mode == "budget" else None)
+
+
+def budget_plan(handle: FluxFillHandle) -> BudgetPlan | None:
+    """The blocks kept on the GPU under offload ``budget`` (the plan ``auto`` made for the handle's free VRAM)."""
+    if handle.offload != "budget":
+        return None
+    dtype = resolve_dtype(handle.spec.dtype, handle.spec.device)
+    return plan_budget(part_blocks(handle.spec.files, handle.spec.quantization, dtype), handle.vram_budget or 0,
+                       ACTIVATION_RESERVE)
 
 
 def need_bytes(handle: FluxFillHandle, free_vram: int | None = None) -> int:
     """VRAM to make room for before loading: the weights that stay on the GPU in the resolved offload mode."""
     _, _, _, fp = resolve(handle.spec, free_vram)
-    return resident_vram(handle.offload, fp)
+    return resident_vram(handle.offload, fp, budget_plan(handle))
 
 
 def load(handle: FluxFillHandle) -> FluxFillModel:
     """Build the pipeline ``handle`` describes, in its resolved offload mode."""
     spec = handle.spec
     check_files(spec.files)
-    _, dtype, why, fp = resolve(spec)
+    _, dtype, why, fp = resolve(spec, handle.vram_budget)
     return pipelines.build(FluxFillModel, spec, "FLUX.1 Fill", spec.files.path, handle.offload, dtype, why, fp,
-                           lambda: _build_pipeline(spec.files, dtype, spec.quantization))
+                           lambda: _build_pipeline(spec.files, dtype, spec.quantization,
+                                                   spec.device if handle.offload == "none" and is_cuda(spec.device)
+                                                   else None),
+                           plan=budget_plan(handle))
 
 
-def _build_pipeline(files: FluxFillFiles, dtype: torch.dtype, quantization: str):
+def _build_pipeline(files: FluxFillFiles, dtype: torch.dtype, quantization: str, resident_on: str | None = None):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxFillPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
     if files.layout == "diffusers":
         return pipelines.load_diffusers(FluxFillPipeline, files.path, dtype, quantization,
                                         diffusers_parts={"transformer": FluxTransformer2DModel},
-                                        transformers_parts={"text_encoder_2": T5EncoderModel})
+                                        transformers_parts={"text_encoder_2": T5EncoderModel},
+                                        resident_on=resident_on)
     qd = diffusers_quant_config(quantization, dtype)
     qt = transformers_quant_config(quantization, dtype)
 
@@ -169,11 +222,14 @@ def _check_loaded(module: torch.nn.Module, name: str, path: str) -> None:
 
 def inpaint(model: FluxFillModel, image: torch.Tensor, mask: torch.Tensor, prompt: str, *, steps: int = 28,
             guidance: float = 30.0, seed: int = 0, composite_back: bool = True,
-            progress: Progress | None = None) -> torch.Tensor:
+            progress: Progress | None = None, loras: tuple = (), prompt_embeds: torch.Tensor | None = None,
+            pooled_prompt_embeds: torch.Tensor | None = None) -> torch.Tensor:
     """Repaint the masked part of each image. IMAGE BHWC in, IMAGE BHWC out (same size as the input).
 
     Image ``i`` of a batch uses the seed ``seed + i``; an image whose mask is empty is returned untouched without
-    sampling. With ``composite_back`` the pixels where the mask is 0 are exactly the input's.
+    sampling. With ``composite_back`` the pixels where the mask is 0 are exactly the input's. ``loras``: the pipe
+    handle's LoRA list (:mod:`atelier.lora`), applied to the cached pipeline before sampling. ``prompt_embeds`` +
+    ``pooled_prompt_embeds`` (e.g. FLUX Redux's) replace the prompt.
     """
     progress = progress or NullProgress()
     image = check_image(image)
@@ -183,6 +239,8 @@ def inpaint(model: FluxFillModel, image: torch.Tensor, mask: torch.Tensor, promp
         raise InputError("steps of at least 1", str(steps), "Set steps to 28 (FLUX Fill's usual value).")
     if not prompt or not prompt.strip():
         log.info("Atelier: FLUX Fill runs with an empty prompt")
+    if model.pipe is not None:
+        lora.sync(model, tuple(loras), LORA_BASE)
     results = []
     for i in range(image.shape[0]):
         img, msk = image[i : i + 1], mask[i : i + 1]
@@ -191,13 +249,15 @@ def inpaint(model: FluxFillModel, image: torch.Tensor, mask: torch.Tensor, promp
             progress.step(steps)
             results.append(img)
             continue
-        out = _run_one(model, img, msk, prompt, steps, guidance, seed + i, progress)
+        embeds = ({} if prompt_embeds is None else
+                  {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds})
+        out = _run_one(model, img, msk, prompt, steps, guidance, seed + i, progress, embeds)
         results.append(composite(img, out, msk) if composite_back else out)
     return torch.cat(results, dim=0)
 
 
 def _run_one(model: FluxFillModel, image: torch.Tensor, mask: torch.Tensor, prompt: str, steps: int,
-             guidance: float, seed: int, progress: Progress) -> torch.Tensor:
+             guidance: float, seed: int, progress: Progress, embeds: dict | None = None) -> torch.Tensor:
     pipe = model.pipe
     if pipe is None:
         raise released("FLUX Fill pipeline")
@@ -215,7 +275,8 @@ def _run_one(model: FluxFillModel, image: torch.Tensor, mask: torch.Tensor, prom
     try:
         with torch.inference_mode(), cache:
             out = pipe(
-                prompt=prompt, image=to_bchw(img), mask_image=msk.unsqueeze(1), height=h, width=w,
+                prompt=None if embeds else prompt, **(embeds or {}),
+                image=to_bchw(img), mask_image=msk.unsqueeze(1), height=h, width=w,
                 guidance_scale=guidance, num_inference_steps=steps, generator=generator,
                 max_sequence_length=T5_MAX_LENGTH, output_type="pt", callback_on_step_end=on_step,
             ).images
@@ -235,7 +296,7 @@ def summary(handle: FluxFillHandle, model: FluxFillModel | None = None) -> str:
         f"{', attention slicing' if s.attention_slicing else ''}{', VAE slicing' if s.vae_slicing else ''}"
         f"{', VAE tiling' if s.vae_tiling else ''}"
         f"{f', FirstBlockCache {s.first_block_cache:g}' if s.first_block_cache else ''}"
-        f"{', compiled' if s.compile else ''}", model)
+        f"{', compiled' if s.compile else ''}{f'; LoRA {lora.describe(handle.loras)}' if handle.loras else ''}", model)
 
 
 STAGE = Stage(group="flux_fill", make_handle=make_handle, need_bytes=need_bytes, load=load, summary=summary)

@@ -67,6 +67,8 @@ STAGE_MODULES: dict[str, str] = {
     "depth": "depth",
     "fastcomposer": "fastcomposer",
     "character": "character",
+    "tryon": "tryon",
+    "redux": "flux_tryon",
 }
 
 

@@ -56,5 +56,7 @@ class FluxFillHandle:
     """What the loader node outputs (ATELIER_FLUX_FILL): the spec, and what the loader resolved."""
 
     spec: FluxFillSpec
-    offload: str  # resolved mode: none / model / sequential
+    offload: str  # resolved mode: none / model / sequential / budget
     dtype: str  # resolved: bf16 / fp16 / fp32
+    loras: tuple = ()  # atelier.lora.LoraRef chained by LoRA nodes; the base pipeline is cached without them
+    vram_budget: int | None = None  # offload "budget": the free VRAM (bytes) the plan was made for

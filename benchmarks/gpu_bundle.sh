@@ -2,7 +2,8 @@
 # Prepare what an offline GPU machine needs to run the benchmarks and GPU tests through a real ComfyUI:
 #   .gpu/comfyui   the pinned ComfyUI tree (from .ci/setup_env.sh's cache), without tokenizers nothing here uses
 #   .gpu/wheels    wheels for what such a machine (PyTorch + transformers + accelerate image) lacks: diffusers,
-#                  bitsandbytes (only its CUDA 13.0 and CPU libraries, to stay small), ComfyUI's server deps
+#                  bitsandbytes (only its CUDA 13.0 and CPU libraries, to stay small), torchao (quantization fp8),
+#                  ComfyUI's server deps
 # Both folders are git-ignored. On the GPU machine:
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/wheels/*.whl; export PYTHONPATH=/tmp/site
 #   export ATELIER_COMFYUI=$PWD/.gpu/comfyui
@@ -24,7 +25,7 @@ dl() {
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$1" "${@:2}"
 }
 tmp=$(mktemp -d)
-dl "$tmp" diffusers==0.42.1 bitsandbytes==0.50.2 torchsde==0.2.6 trampoline==0.1.2 av==19.0.2 pydantic==2.14.3 \
+dl "$tmp" diffusers==0.42.1 bitsandbytes==0.50.2 peft==0.21.2 torchao==0.18.0 torchsde==0.2.6 trampoline==0.1.2 av==19.0.2 pydantic==2.14.3 \
   pydantic-core==2.50.4 pydantic-settings==2.16.3 python-dotenv typing-inspection annotated-types websocket-client
 # bitsandbytes ships libraries for every CUDA/ROCm version (130 MB): keep CUDA 13.0's (the GPU image's torch) and CPU's
 python3 - "$tmp" <<'PY'

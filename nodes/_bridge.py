@@ -20,6 +20,7 @@ from comfy_api.latest import io
 
 from ..atelier import flux_files, folders, guards
 from ..atelier.errors import ModelFileError
+from ..atelier.memory import free_cuda_bytes
 from ..atelier.registry import REGISTRY
 from ..atelier.stage import Stage
 from ..atelier.types import FluxFillFiles
@@ -155,8 +156,12 @@ def device() -> str:
 
 
 def free_vram() -> int | None:
+    """VRAM Atelier may plan with: ComfyUI's free memory, within torch's per-process cap
+    (``set_per_process_memory_fraction``), less what ``--reserve-vram`` keeps for other programs."""
     dev = mm.get_torch_device()
-    return mm.get_free_memory(dev) if dev.type == "cuda" else None
+    if dev.type != "cuda":
+        return None
+    return max(0, min(mm.get_free_memory(dev), free_cuda_bytes(dev)) - mm.extra_reserved_memory())
 
 
 # --------------------------------------------------------------------------------------------- progress
@@ -551,7 +556,6 @@ def fastcomposer_fingerprint(model: str, base: str | None):
             model_fingerprint("checkpoints", base if base and base != NONE else None))
 # ---------------------------------------------------------------------------------- realtime character (SD1.5)
 
-NONE = "none"
 FULL = "full"
 CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt")
 
@@ -664,3 +668,123 @@ def live_pose_choices() -> list[str]:
     """The pose models the live panel can use (empty without the pose stage)."""
     choices = globals().get("pose_choices")
     return list(choices()) if choices else []
+# ------------------------------------------------------------------------------------------------ try-on
+
+TryOnPipe = io.Custom("ATELIER_TRYON")
+Redux = io.Custom("ATELIER_REDUX")
+# what a LoRA node hands on: the pipe type it got (ComfyUI's type check accepts any overlap of "A,B" with "A")
+LoraPipe = io.Custom("ATELIER_TRYON,ATELIER_FLUX_FILL")
+CHECKPOINT_PREFIX = "checkpoints/"
+
+def tryon_model_choices() -> list[str]:
+    """SDXL checkpoints (every .safetensors in models/checkpoints: the loader tells SD1.5 and others apart with a
+    clear error) and diffusers folders whose model_index.json names an SDXL pipeline."""
+    from ..atelier import sdxl_files
+
+    choices = [DIFFUSERS_PREFIX + name for name, path in _diffusers_folders()
+               if folders.diffusers_pipeline_class(path) in sdxl_files.SDXL_PIPELINES]
+    choices += [CHECKPOINT_PREFIX + n for n in folder_paths.get_filename_list("checkpoints")
+                if n.lower().endswith(".safetensors")]
+    return choices
+
+
+def _listed(folder: str, exts: tuple[str, ...], first: str) -> list[str]:
+    return [first] + [n for n in folder_paths.get_filename_list(folder) if n.lower().endswith(exts)]
+
+
+def tryon_controlnet_choices() -> list[str]:
+    """The try-on loader's `controlnet` combo: none or an SDXL ControlNet file in models/controlnet."""
+    return _listed("controlnet", (".safetensors",), NONE)
+
+
+def ipadapter_choices() -> list[str]:
+    return _listed("ipadapter", (".safetensors", ".bin"), NONE)
+
+
+def clip_vision_choices() -> list[str]:
+    return _listed("clip_vision", (".safetensors",), AUTO)
+
+
+def lora_choices() -> list[str]:
+    return [n for n in folder_paths.get_filename_list("loras") if n.lower().endswith(".safetensors")]
+
+
+def _full(folder: str, name: str, what: str) -> str:
+    path = folder_paths.get_full_path(folder, name)
+    if path is None:
+        raise ModelFileError(f"the {what} '{name}' in models/{folder}", "no such file",
+                             "Refresh the node (R) and pick a file that exists.")
+    return path
+
+
+def tryon_files(model: str, controlnet: str, ip_adapter: str, clip_vision: str):
+    """The try-on loader's combo values -> atelier.tryon.TryOnFiles (a ControlNet file inside a folder with
+    config.json means that folder; clip_vision auto = the first encoder in models/clip_vision the adapter fits)."""
+    from ..atelier import ip_adapter as ipa
+    from ..atelier.tryon import TryOnFiles
+
+    if model.startswith(DIFFUSERS_PREFIX):
+        name = model[len(DIFFUSERS_PREFIX):]
+        path = next((str(p) for n, p in _diffusers_folders() if n == name), None)
+        if path is None:
+            raise ModelFileError(f"the diffusers folder '{name}' under models/diffusers", "no such folder",
+                                 "Refresh the node (R) and pick a model that exists.")
+        layout = "diffusers"
+    elif model.startswith(CHECKPOINT_PREFIX):
+        path, layout = _full("checkpoints", model[len(CHECKPOINT_PREFIX):], "checkpoint"), "single_file"
+    else:
+        raise ModelFileError("a model from the list (checkpoints/… or diffusers/…)", repr(model),
+                             "Put an SDXL checkpoint in models/checkpoints (or a diffusers SDXL folder in "
+                             "models/diffusers), then refresh (R).")
+    cn = None
+    if controlnet and controlnet != NONE:
+        cn = _full("controlnet", controlnet, "ControlNet")
+        if (Path(cn).parent / "config.json").is_file() and Path(cn).name.startswith("diffusion_pytorch_model"):
+            cn = str(Path(cn).parent)
+    ip = clip = None
+    if ip_adapter and ip_adapter != NONE:
+        ip = _full("ipadapter", ip_adapter, "IP-Adapter")
+        if clip_vision and clip_vision != AUTO:
+            clip = _full("clip_vision", clip_vision, "CLIP vision encoder")
+        else:
+            names = [n for n in folder_paths.get_filename_list("clip_vision") if n.lower().endswith(".safetensors")]
+            clip = ipa.auto_clip(ipa.read(ip), [folder_paths.get_full_path("clip_vision", n) for n in names])
+            if clip is None:
+                raise ModelFileError(f"a CLIP vision encoder in models/clip_vision that fits '{Path(ip).name}'",
+                                     f"none among {names or 'no files'}",
+                                     "Put CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors (h94/IP-Adapter "
+                                     "models/image_encoder/model.safetensors, renamed) in models/clip_vision.")
+    return TryOnFiles(layout=layout, path=path, controlnet=cn, ip_adapter=ip, clip_vision=clip,
+                      tokenizer=tokenizer_dirs()[0] if layout == "single_file" else None)
+
+
+def lora_path(name: str) -> str:
+    return _full("loras", name, "LoRA")
+
+
+def lora_fingerprint(name: str):
+    path = folder_paths.get_full_path("loras", name) if name else None
+    try:
+        st = os.stat(path) if path else None
+    except OSError:
+        st = None
+    return (name, st.st_size, st.st_mtime_ns) if st else (name, None)
+
+
+def style_model_choices() -> list[str]:
+    return [n for n in folder_paths.get_filename_list("style_models") if n.lower().endswith(".safetensors")]
+
+
+def style_model_path(name: str) -> str:
+    return _full("style_models", name, "FLUX Redux file")
+
+
+def siglip_path(name: str) -> str:
+    """The SigLIP file for Redux: the chosen one, or (auto) the first name containing sigclip / siglip."""
+    if name and name != AUTO:
+        return _full("clip_vision", name, "SigLIP encoder")
+    found = _auto_pick("clip_vision", ("sigclip", "siglip"))
+    if found is None:
+        raise ModelFileError("a SigLIP encoder in models/clip_vision (a name containing sigclip or siglip)", "none",
+                             "Put sigclip_vision_patch14_384.safetensors in models/clip_vision, or pick it.")
+    return _full("clip_vision", found, "SigLIP encoder")

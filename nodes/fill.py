@@ -96,7 +96,7 @@ class AtelierFluxFill(io.ComfyNode):
         with bridge.comfy_progress(steps * image.shape[0]) as progress:
             model = bridge.acquire(fill.STAGE, pipe)
             out = fill.inpaint(model, image, mask, prompt, steps=steps, guidance=guidance, seed=seed,
-                               composite_back=composite_back, progress=progress)
+                               composite_back=composite_back, progress=progress, loras=pipe.loras)
         return io.NodeOutput(bridge.images_out(out))
 
 

@@ -29,7 +29,7 @@ GALLERY_MAX_SIDE = 512
 
 
 def gallery(stack: layer_files.LayerStack) -> dict:
-    """The layer gallery's UI output (web/js/atelier_layer_gallery.js): one RGBA temp PNG per layer, scaled down
+    """The layer gallery's UI output (web/js/atelier_layers.js): one RGBA temp PNG per layer, scaled down
     to GALLERY_MAX_SIDE, with its name and its 1-based index (layer 1 = bottom), and the canvas size."""
     files = bridge.ui_pngs(list(stack.rgba), "atelier_layers/gallery", max_side=GALLERY_MAX_SIDE)
     return {"atelier_layers": [dict(f, name=name, index=i + 1, width=stack.width, height=stack.height)

@@ -5,10 +5,11 @@
   the `points` / `negative_points` / `boxes` widgets in the node's JSON; those values are what the frontend saves
   (widgets_values), exports (graphToPrompt) and queues (the POST /prompt body, the prompt in /history); the mask
   that comes back changes when the clicks change, and the editor then shows the node's own picture.
-* Layer gallery (web/js/atelier_layer_gallery.js): Load Layers and Split Into Layers show every layer with its
-  index and name; the layers extension's text box and Export Layers' download buttons still work beside it.
-* Caption (web/js/atelier_caption.js): the reply appears read-only on the node, outside widgets_values and the
-  prompt; a new Caption node starts with its seed "fixed", a saved workflow keeps the control value it saved.
+* Layer gallery (web/js/atelier_layers.js): Load Layers and Split Into Layers show every layer with its
+  index and name; the text box (web/js/atelier_text.js) and Export Layers' download buttons work beside it.
+* Caption: the reply appears read-only on the node (web/js/atelier_text.js), outside widgets_values and the
+  prompt; a new Caption node starts with its seed "fixed" (web/js/atelier_caption.js), a saved workflow keeps the
+  control value it saved.
 
 The tiny models have random weights: the tests check that the prompts reach the node and the pictures follow
 them, not the quality of a mask or a caption.
@@ -30,6 +31,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = REPO_ROOT / "workflows"
 SEGMENT = "4"  # sam2_points.json: LoadImage 2 -> SAM2 Loader 3 -> SAM2 Segment 4 -> MaskToImage 5 -> SaveImage 6
 PROMPT_WIDGETS = ("points", "negative_points", "boxes")
+EDIT_SIZE = (820, 760)  # the SAM2 node made large, as an artist does to edit on it
 TOLERANCE = 2  # image px: a click lands on the screen pixel grid, the editor rounds to the image's
 
 
@@ -37,24 +39,6 @@ TOLERANCE = 2  # image px: a click lands on the screen pixel grid, the editor ro
 def choices(comfy_base, tmp_path_factory) -> dict:
     """The tiny models in the server's models/ tree, before any page opens (so the combos list them)."""
     return place_models(comfy_base / "models", "", tmp_path_factory.getbasetemp())
-
-
-def frames(page, n: int = 2) -> None:
-    page.evaluate("(n) => new Promise(r => { const f = k => k ? requestAnimationFrame(() => f(k - 1)) : r(); f(n); })",
-                  n)
-
-
-def show_node(page, node_id: str, size=(820, 760)) -> None:
-    """Zoom 100 %, the node near the canvas' top-left corner, made large: what an artist does to edit."""
-    page.evaluate("""([id, w, h]) => {
-      const node = window.app.graph.getNodeById(Number(id));
-      node.setSize([w, h]);
-      const ds = window.app.canvas.ds;
-      ds.scale = 1;
-      ds.offset = [-node.pos[0] + 140, -node.pos[1] + 120];
-      window.app.canvas.setDirty(true, true);
-    }""", [node_id, *size])
-    frames(page, 3)
 
 
 def editor(page, node_id: str) -> dict:
@@ -79,7 +63,7 @@ def at(page, node_id: str, x: float, y: float) -> tuple[float, float]:
 
 def click(page, node_id: str, x: float, y: float, button: str = "left") -> None:
     page.mouse.click(*at(page, node_id, x, y), button=button)
-    frames(page)
+    fe.frames(page)
 
 
 def drag(page, node_id: str, a: tuple, b: tuple) -> None:
@@ -87,7 +71,7 @@ def drag(page, node_id: str, a: tuple, b: tuple) -> None:
     page.mouse.down()
     page.mouse.move(*at(page, node_id, *b), steps=6)
     page.mouse.up()
-    frames(page)
+    fe.frames(page)
 
 
 def near(got: list, want: list) -> bool:
@@ -110,22 +94,11 @@ def masks(client: ComfyClient, entry: dict) -> list:
 # ------------------------------------------------------------------------------------------------- SAM2
 
 
-def shot(page, node_id: str, path: Path) -> None:
-    """A screenshot of one node as it is on the screen (tests/browser/_artifacts, for a look)."""
-    box = page.evaluate("""(id) => {
-      const node = window.app.graph.getNodeById(Number(id)), c = window.app.canvas, ds = c.ds;
-      const r = c.canvas.getBoundingClientRect(), b = node.boundingRect;
-      return {x: r.left + (b[0] + ds.offset[0]) * ds.scale, y: r.top + (b[1] + ds.offset[1]) * ds.scale,
-              width: b[2] * ds.scale, height: b[3] * ds.scale};
-    }""", node_id)
-    page.screenshot(path=str(path), clip=box)
-
-
 def test_sam2_clicks_become_widget_values_the_prompt_and_the_mask(page, client, choices, uploads, artifacts):
     flog = fe.log_of(page)
     fe.load_workflow(page, WORKFLOWS / "sam2_points.json")
     fe.set_widget(page, "3", "model", choices["AtelierSAM2Loader"])
-    show_node(page, SEGMENT)
+    fe.show_node(page, SEGMENT, EDIT_SIZE)
     page.wait_for_function("""(id) => { const el = window.app.graph.getNodeById(Number(id)).atelierSam2Editor.element;
                               return el.dataset.source === 'upstream' && Number(el.dataset.imageWidth) > 0; }""",
                            arg=SEGMENT, timeout=30_000)
@@ -135,7 +108,7 @@ def test_sam2_clicks_become_widget_values_the_prompt_and_the_mask(page, client, 
     assert "2 point(s), 1 negative, 0 box(es)" in state["status"], state["status"]
 
     page.locator(".atelier-sam2-clear").click()
-    frames(page)
+    fe.frames(page)
     assert editor(page, SEGMENT)["values"] == {"points": "", "negative_points": "", "boxes": ""}
 
     click(page, SEGMENT, 320, 250)  # left: on the object
@@ -150,7 +123,7 @@ def test_sam2_clicks_become_widget_values_the_prompt_and_the_mask(page, client, 
     assert len(points_of(v["negative_points"])) == 1 and near(points_of(v["negative_points"])[0], [560, 60])
     [box] = boxes_of(v["boxes"])
     assert near(box, [200, 130, 440, 420])
-    shot(page, SEGMENT, artifacts / "sam2_editor_before_run.png")
+    fe.screenshot_node(page, SEGMENT, artifacts / "sam2_editor_before_run.png")
     # exactly the format the node documents (and the workflows ship)
     (px, py), (x0, y0, x1, y1) = points_of(v["points"])[0], box
     assert v["points"] == f'[{{"x": {px}, "y": {py}}}]'
@@ -173,8 +146,8 @@ def test_sam2_clicks_become_widget_values_the_prompt_and_the_mask(page, client, 
     page.wait_for_function("(id) => window.app.graph.getNodeById(Number(id)).atelierSam2Editor.element"
                            ".dataset.source === 'run'", arg=SEGMENT, timeout=30_000)
     assert editor(page, SEGMENT)["stale"] is False
-    frames(page)
-    shot(page, SEGMENT, artifacts / "sam2_editor_after_run.png")
+    fe.frames(page)
+    fe.screenshot_node(page, SEGMENT, artifacts / "sam2_editor_after_run.png")
 
     # other clicks: another mask; the old masks are dimmed until the next run
     page.locator(".atelier-sam2-clear").click()
@@ -193,11 +166,11 @@ def test_sam2_clicks_become_widget_values_the_prompt_and_the_mask(page, client, 
 
 def test_sam2_box_is_removed_with_its_x_and_typed_text_is_drawn(page, choices, uploads):
     fe.load_workflow(page, WORKFLOWS / "sam2_points.json")
-    show_node(page, SEGMENT)
+    fe.show_node(page, SEGMENT, EDIT_SIZE)
     page.wait_for_function("(id) => Number(window.app.graph.getNodeById(Number(id)).atelierSam2Editor.element"
                            ".dataset.imageWidth) > 0", arg=SEGMENT, timeout=30_000)
     fe.set_widget(page, SEGMENT, "boxes", "[[100, 100, 300, 200], [350, 250, 600, 400]]")  # typed by hand
-    frames(page)
+    fe.frames(page)
     assert "2 box(es)" in editor(page, SEGMENT)["status"]
     click(page, SEGMENT, 300, 100)  # the first box's × (its top-right corner)
     assert editor(page, SEGMENT)["values"]["boxes"] == "[[350, 250, 600, 400]]"
@@ -211,11 +184,11 @@ def test_sam2_box_is_removed_with_its_x_and_typed_text_is_drawn(page, choices, u
 def test_sam2_edits_are_recorded_like_any_other_edit(page, uploads):
     """Each click is one change of the workflow: marked modified, and Ctrl+Z takes back exactly that click."""
     fe.load_workflow(page, WORKFLOWS / "sam2_points.json")
-    show_node(page, SEGMENT)
+    fe.show_node(page, SEGMENT, EDIT_SIZE)
     page.wait_for_function("(id) => Number(window.app.graph.getNodeById(Number(id)).atelierSam2Editor.element"
                            ".dataset.imageWidth) > 0", arg=SEGMENT, timeout=30_000)
     page.locator(".atelier-sam2-clear").click()
-    frames(page)
+    fe.frames(page)
     modified = "() => window.app.extensionManager.workflow.activeWorkflow.isModified"
     assert page.evaluate(modified) is True
     click(page, SEGMENT, 320, 250)
@@ -281,7 +254,7 @@ def test_split_gallery_beside_the_text_and_the_export_downloads(page, client, ch
     assert all(g["loaded"] for g in shown)
     nodes = fe.widgets(page)
     info = {w["name"]: w for w in nodes["3"]["widgets"]}
-    assert str(info["atelier_info"]["value"]).startswith("prompt:")  # the layers extension's text
+    assert str(info["atelier_info"]["value"]).startswith("prompt:")  # the node's text (atelier_text.js)
     assert not info["atelier_info"]["serialize"] and not info["atelier_layer_gallery"]["serialize"]
     for export in ("4", "5"):
         labels = page.evaluate("(id) => window.app.graph.getNodeById(Number(id)).widgets"
@@ -313,10 +286,9 @@ def test_caption_text_appears_read_only_and_new_nodes_start_with_a_fixed_seed(pa
     entry = fe.wait_done(page, fe.queue(page))
     assert ComfyClient.succeeded(entry), ComfyClient.error_message(entry)
     [want] = entry["outputs"][cid]["text"]
-    page.wait_for_function("(t) => document.querySelector('.atelier-caption-text')?.value === t", arg=want,
-                           timeout=30_000)
-    assert page.evaluate("() => document.querySelector('.atelier-caption-text').readOnly") is True
-    assert "atelier_caption" not in flog.sent[-1]["prompt"][cid]["inputs"]
+    box = fe.text_box(page, cid, want)  # the reply, on the Caption node
+    assert box["read_only"] and box["visible"] and not box["saved"], box
+    assert not [k for k in flog.sent[-1]["prompt"][cid]["inputs"] if k.startswith("atelier_")]
     assert len(fe.widgets(page)[cid]["widgets_values"]) == len(cap["widgets_values"])  # nothing added
     # a Caption node an artist adds now starts on "fixed" (re-running the VLM only when something changed)
     fresh = page.evaluate("""() => {

@@ -10,7 +10,7 @@ import pytest
 import requests
 import torch
 
-from atelier import images, memory, segmenter
+from atelier import images, memory, pose, sd15_files, segmenter
 from atelier.errors import AtelierError
 from tests.compat import locales as L
 from tests.harness import frontend as fe
@@ -91,17 +91,36 @@ def test_korean_hints_for_the_frequent_errors(korean_page):
                         "(InvalidProtobuf). The file is damaged, incomplete or not ONNX.",
         "out_of_memory": "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 11.7 GiB total capacity)",
         "package_missing": "the Python package 'psd_tools'; got it is not installed. pip install psd-tools.",
+        "pose_models_missing": _raised(pose.make_spec, "/nowhere/pose/pose_landmark_full.tflite"),
+        "fastcomposer_missing": "the FastComposer checkpoint 'fc.bin' in models/fastcomposer; got no such file. Put "
+                                "FastComposer's pytorch_model.bin in models/fastcomposer (renaming it is fine), refresh "
+                                "(R) and pick it.",
+        "controlnet_problem": _raised(sd15_files.controlnet_kind, "/nowhere/control_v11p_sd15_openpose.safetensors"),
+        "ip_adapter_problem": "a CLIP vision (IP-Adapter image encoder) file in models/clip_vision (looked for names "
+                              "containing vit-h or h-14 or h14); got none. Put the CLIP vision (IP-Adapter image "
+                              "encoder) file in models/clip_vision, or pick it in the loader's input.",
+    }
+    # more messages of the same rules: the rule for one stage's files wins over the general one it would also match
+    more = {
+        "pose_models_missing": "BlazePose's 'pose_landmark_full.tflite' in models/pose (/m/pose); got no such file. "
+                               "Put BlazePose's .tflite files in models/pose, refresh (R) and pick one.",
+        "controlnet_problem": "an SD1.5 OpenPose ControlNet (768-wide cross-attention); got 'cn.safetensors', a "
+                              "ControlNet made for SDXL. Pick an SD1.5 ControlNet such as control_v11p_sd15_openpose.",
+        "wrong_model_type": "an SD1.5 model; got 'sd_xl_base_1.0.safetensors', an SDXL checkpoint. Pick an SD1.5 "
+                            "checkpoint.",
     }
     hints = L.load("ko")["atelier"]["errorHints"]
     assert set(hints) == set(messages), "one Korean hint per rule of web/js/atelier_error_hints.js"
-    got = korean_page.evaluate("""async ([url, messages]) => {
+    got = korean_page.evaluate("""async ([url, messages, more]) => {
         const m = await import(url);
         const out = {};
         for (const [id, text] of Object.entries(messages)) out[id] = [m.hintId(text), await m.hintFor(text, 'ko')];
         out.__none = [m.hintId('Prompt outputs failed validation'), await m.hintFor('anything else', 'ko')];
         out.__english = [null, await m.hintFor(messages.mask_size, 'en')];
+        out.__more = Object.fromEntries(Object.entries(more).map(([id, text]) => [id, m.hintId(text)]));
         return out;
-    }""", [HINTS_JS, messages])
+    }""", [HINTS_JS, messages, more])
     for rule, (hint_id, text) in ((k, v) for k, v in got.items() if not k.startswith("__")):
         assert hint_id == rule and text == hints[rule], (rule, hint_id, text)
     assert got["__none"] == [None, None] and got["__english"] == [None, None]  # English: the message says it all
+    assert got["__more"] == {rule: rule for rule in more}, got["__more"]

@@ -12,7 +12,8 @@ For each workflows/*.json (UI format), in headless Chromium on a real ComfyUI wi
    FLUX.1 Fill, Qwen VL, SAM 2.1 large, Qwen-Image-Layered); the test picks the tiny random models there and cuts
    steps / tokens (tests/harness/workflow_inputs.py: ARTIST_EDITS), as an artist changes widgets;
 5. press Run: the prompt the page sends is the twin plus exactly those edits; /history reports success; every
-   output node of the workflow has outputs; the page shows no error afterwards.
+   output node of the workflow has outputs; the page shows no error afterwards;
+6. every Atelier node that returned text (every loader's summary among them) shows it, read-only, on the node.
 
 Screenshots land in tests/browser/_artifacts/ (git-ignored): <workflow>_canvas.png (as dropped, real model names)
 and <workflow>_result.png (after the run), plus the saved result pictures. With ATELIER_README_PICTURES=1 the
@@ -63,6 +64,10 @@ def choices(comfy_base, tiny_flux, tmp_path_factory) -> dict:
     """The tiny models in the server's models/ tree (before any page opens, so the combos list them)."""
     return place_models(comfy_base / "models", tiny_flux["choice_diffusers"], tmp_path_factory.getbasetemp())
 
+
+
+def is_loader(class_type: str) -> bool:
+    return class_type.startswith("Atelier") and class_type.endswith("Loader")
 
 
 def server_view(prompt: dict) -> dict:
@@ -146,6 +151,13 @@ def test_page_loads_cleanly_with_the_pack_extensions(page):
     assert not missing and not problems, (
         f"the pack's web extensions did not all load: {missing}; page problems at load: {problems}")
     assert not fe.dialogs(page), fe.dialogs(page)
+
+
+def test_every_loader_is_in_a_shipped_workflow(object_info):
+    """So the workflow test below sees every loader's summary text on its node after a run."""
+    loaders = {name for name in object_info if is_loader(name)}
+    used = {n["type"] for p in UI_FILES for n in json.loads(p.read_text(encoding="utf-8"))["nodes"]}
+    assert len(loaders) >= 5 and loaders <= used, f"loaders in no workflow: {sorted(loaders - used)}"
 
 
 # ---------------------------------------------------------------------------------- the templates browser
@@ -264,7 +276,8 @@ def test_workflow_runs_from_the_page(path, page, client, object_info, choices, u
             fe.set_widget(page, ids[class_type], name, value)
             expected[ids[class_type]]["inputs"][name] = value
 
-    # 5. Run
+    # 5. Run (every node, none from the server's cache of an earlier test: a cached node sends no text)
+    client.forget_outputs()
     run_mark = flog.mark()
     prompt_id = fe.queue(page)
     assert server_view(flog.sent[-1]["prompt"]) == expected, f"{path.name}: the page sent another prompt than twin + edits"
@@ -283,6 +296,18 @@ def test_workflow_runs_from_the_page(path, page, client, object_info, choices, u
         for i, ref in enumerate(out.get("images") or []):
             data = client.view(ref["filename"], ref.get("subfolder", ""), ref.get("type", "output"))
             (artifacts / f"{path.stem}_out_{nid}_{i}{Path(ref['filename']).suffix}").write_bytes(data)
+
+    # 6. every Atelier node that returned text shows it on the node, read-only, display only: each loader its
+    # summary (what it resolved), Caption its reply, ...
+    texts = {nid: "\n".join(out["text"]) for nid, out in outputs.items()
+             if out.get("text") and twin[nid]["class_type"].startswith("Atelier")}
+    loaders = {nid for nid, node in twin.items() if is_loader(node["class_type"])}
+    assert loaders <= set(texts), f"{path.name}: loaders that returned no summary text: {loaders - set(texts)}"
+    for nid, want in texts.items():
+        box = fe.text_box(page, nid, want)
+        assert box["read_only"] and box["visible"] and not box["saved"], f"{path.name}: node {nid}'s text box: {box}"
+        if nid in loaders:
+            fe.screenshot_node(page, nid, artifacts / f"{path.stem}_summary_{twin[nid]['class_type']}.png")
     assert not fe.dialogs(page), f"{path.name}: after the run the frontend showed {fe.dialogs(page)}"
     assert not flog.problems(run_mark), f"{path.name}: page problems during the run: {flog.problems(run_mark)}"
 

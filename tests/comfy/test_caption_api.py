@@ -11,7 +11,6 @@ import io
 import json
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -19,12 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from tests.harness import tiny_vlm  # noqa: E402
-from tests.harness.comfy_server import ComfyClient  # noqa: E402
+from tests.harness import tiny_vlm
+from tests.harness.comfy_server import ComfyClient
 
 KEYS = ["scene", "lighting", "light_direction", "palette", "mood", "camera", "placement", "found"]
 BROKEN = "tiny-vlm-no-weights"
@@ -121,7 +116,7 @@ def test_schema_matches_the_public_contract(client, tiny_vlms, broken_vlm):
     assert info["category"] == "atelier/caption" and info["output"] == ["ATELIER_VLM"]
     assert info["input_order"]["required"] == ["model", "quantization", "offload", "dtype"]
     req = info["input"]["required"]
-    assert req["quantization"][1]["options"] == ["none", "int8", "nf4"]
+    assert req["quantization"][1]["options"] == ["none", "int8", "nf4", "fp8"]
     assert req["offload"][1]["options"] == ["auto", "none", "model"]
     assert req["dtype"][1]["options"] == ["auto", "bf16", "fp16", "fp32"]
     models = req["model"][1]["options"]

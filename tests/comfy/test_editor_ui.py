@@ -4,7 +4,7 @@
   1024 px), one overlay whose coloured pixels are exactly the object masks, the image's full size and the prompt
   texts it ran with. The point/box editor (web/js/atelier_sam2_editor.js) draws these.
 * Split Into Layers / Load Layers: ``atelier_layers`` = one RGBA temp PNG per layer with its name and 1-based index
-  (the layer gallery, web/js/atelier_layer_gallery.js).
+  (the layer gallery, web/js/atelier_layers.js).
 * Caption: the reply and the analysis as the node's text.
 """
 

@@ -159,7 +159,7 @@ def test_schema_matches_the_public_contract(client, tiny):
                                                "first_block_cache", "dtype"]
     req = info["input"]["required"]
     assert tiny["choice"] in req["model"][1]["options"]
-    assert req["quantization"][1]["options"] == ["none", "int8", "nf4"]
+    assert req["quantization"][1]["options"] == ["none", "int8", "nf4", "fp8"]
     assert req["offload"][1]["options"] == ["auto", "none", "model", "sequential"]
 
     split = client.object_info("AtelierSplitLayers")

@@ -3,18 +3,15 @@ from __future__ import annotations
 
 import io
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+from tests.harness.comfy_server import ComfyClient, PromptRejected
 
-from tests.harness.comfy_server import ComfyClient, PromptRejected  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def empty_image_prompt(width=64, height=48, color=0x336699, prefix="smoke"):

@@ -245,7 +245,8 @@ def test_widget_values_match_the_schema_and_the_twin(path, object_info):
             if kind == "COMBO" and node["type"].startswith("Atelier"):
                 options = spec[0] if isinstance(spec[0], list) else opts.get("options", [])
                 # model lists depend on what is installed: only fixed option lists are checked
-                if name not in ("model", "clip_l", "t5xxl", "vae", "controlnet", "ip_adapter", "clip_vision", "fast_lora"):
+                if name not in ("model", "clip_l", "t5xxl", "vae", "controlnet", "ip_adapter", "clip_vision", "fast_lora",
+                                "lora", "redux", "siglip"):
                     assert value in options, f"{node['type']}.{name}={value!r} not in {options}"
 
 
@@ -301,3 +302,30 @@ def test_flux_fill_inpaint_runs(client, tiny_flux):
     keep = alpha == 255
     assert np.array_equal(out[..., :3][keep], rgb[keep]), "composite_back=true changed unmasked pixels"
     assert not np.array_equal(out[..., :3][~keep], rgb[~keep]), "the masked area was not repainted"
+
+
+@pytest.mark.parametrize("name", ["tryon_sdxl.json", "tryon_flux.json"])
+def test_tryon_workflows_run(client, tiny_flux, comfy_base, name):
+    """The try-on twins on the tiny models, with the artist's edits of tests/harness/workflow_inputs.py: the person
+    picture comes back exact outside the painted (transparent) area."""
+    from tests.harness import tiny_sdxl, workflow_inputs
+
+    world = tiny_sdxl.build_world(comfy_base / "models")
+    plus = comfy_base / "models" / "ipadapter" / workflow_inputs.TRYON_IP_ADAPTER
+    if not plus.exists():
+        plus.symlink_to(world["ip_plus"])
+    choices = {"AtelierTryOnLoader": workflow_inputs.TRYON_CHOICE, "AtelierFluxFillLoader": tiny_flux["choice_diffusers"]}
+    api = load_api_workflow(API_DIR / name)
+    files = workflow_inputs.input_files()
+    for node in api.values():
+        if node["class_type"] == "LoadImage":
+            client.upload_image(files[node["inputs"]["image"]], node["inputs"]["image"])
+    for class_type, values in workflow_inputs.edits_for(name, choices).items():
+        the_node(api, class_type)[1]["inputs"].update(values)
+    entry = client.run(api)
+    assert ComfyClient.succeeded(entry), ComfyClient.error_message(entry)
+    out = client.images(entry, the_node(api, "SaveImage")[0])[0][..., :3]
+    person = workflow_inputs.tryon_person()
+    keep = person[..., 3] == 255
+    assert out.shape[:2] == keep.shape and np.array_equal(out[keep], person[..., :3][keep])
+    assert not np.array_equal(out[~keep], person[..., :3][~keep])

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-sys.path.insert(0, str(REPO))
+if __name__ == "__main__" and not __package__:  # run as a file: again as a module from the repository root
+    sys.exit(subprocess.call([sys.executable, "-m", "tests.compat.update_locales", *sys.argv[1:]], cwd=REPO))
 
 from tests.compat import locales as L  # noqa: E402
 from tests.harness.comfy_server import ComfyClient, ComfyServer  # noqa: E402

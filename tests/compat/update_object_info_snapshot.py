@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-sys.path.insert(0, str(REPO))
-
-from tests.compat.object_info_contract import additions, breaking_changes, describe_pack, dumps, load_snapshot  # noqa: E402
-from tests.harness.comfy_server import ComfyClient, ComfyServer  # noqa: E402
 
 SNAPSHOT = HERE / "object_info_snapshot.json"
 log = logging.getLogger("atelier.compat")
@@ -26,12 +23,17 @@ log = logging.getLogger("atelier.compat")
 
 def current_contract() -> dict:
     """describe_pack() of a ComfyUI booted with this checkout as custom_nodes/atelier and nothing on disk."""
+    from tests.compat.object_info_contract import describe_pack
+    from tests.harness.comfy_server import ComfyClient, ComfyServer
+
     with tempfile.TemporaryDirectory(prefix="atelier-compat-") as base:
         with ComfyServer(base, REPO) as server:
             return describe_pack(ComfyClient(server.url).object_info())
 
 
 def main() -> int:
+    from tests.compat.object_info_contract import additions, breaking_changes, dumps, load_snapshot
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--accept-breaking", action="store_true", help="write even when saved workflows would break")
@@ -56,4 +58,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    if not __package__:  # run as a file: again as a module from the repository root, where `tests.` resolves
+        sys.exit(subprocess.call([sys.executable, "-m", "tests.compat.update_object_info_snapshot", *sys.argv[1:]],
+                                 cwd=REPO))
     sys.exit(main())

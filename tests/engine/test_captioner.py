@@ -6,22 +6,17 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from atelier import analysis, captioner, prompts  # noqa: E402
-from atelier.analysis import clean_reply, parse_analysis  # noqa: E402
-from atelier.errors import InputError, ModelFileError, SettingError  # noqa: E402
-from atelier.progress import NullProgress  # noqa: E402
-from atelier.prompts import analysis_prompt  # noqa: E402
-from tests.harness import tiny_vlm  # noqa: E402
+from atelier import analysis, captioner, prompts
+from atelier.analysis import clean_reply, parse_analysis
+from atelier.errors import InputError, ModelFileError, SettingError
+from atelier.progress import NullProgress
+from atelier.prompts import analysis_prompt
+from tests.harness import tiny_vlm
 
 KEYS = ["scene", "lighting", "light_direction", "palette", "mood", "camera", "placement", "found"]
 

@@ -8,6 +8,8 @@ import torch
 from atelier.errors import SettingError
 from atelier.memory import (
     ACTIVATION_RESERVE,
+    QUANT_MODES,
+    QUANTIZATIONS,
     GiB,
     Footprint,
     check_quantization,
@@ -15,6 +17,7 @@ from atelier.memory import (
     dtype_name,
     footprint,
     plan_offload,
+    quantization_tooltip,
     resident_vram,
     resolve_dtype,
     transformers_quant_config,
@@ -60,7 +63,7 @@ def test_no_quantization_is_fine_on_cpu():
     check_quantization("none", torch.device("cpu"))
 
 
-@pytest.mark.parametrize("q", ["int8", "nf4"])
+@pytest.mark.parametrize("q", ["int8", "nf4", "fp8"])
 def test_quantization_on_cpu_is_refused_and_points_to_none(q):
     with pytest.raises(SettingError) as e:
         check_quantization(q, "cpu")
@@ -76,8 +79,84 @@ def test_quantization_on_cuda_is_accepted(q, device):
 
 
 def test_unknown_quantization_is_refused():
-    with pytest.raises(SettingError, match="'fp8'"):
+    with pytest.raises(SettingError, match="'fp4'"):
+        check_quantization("fp4", "cuda")
+
+
+# ------------------------------------------------------------------------------------------------- fp8
+
+
+def _fake_gpu(monkeypatch, capability):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+
+
+def test_fp8_is_one_row_of_the_table():
+    mode = QUANT_MODES["fp8"]
+    assert "fp8" in QUANTIZATIONS and QUANTIZATIONS[-1] == "fp8"  # added last: saved combo values keep their place
+    assert mode.needs_cuda and mode.min_capability == (8, 9) and mode.package == "torchao"
+    assert 0.5 <= mode.bytes_factor <= 0.6  # one byte per weight + per-row scales
+    assert "fp8" in quantization_tooltip("transformer and T5 quantized")
+
+
+@pytest.mark.parametrize("capability", [(7, 5), (8, 0), (8, 6), (8, 7)])
+def test_fp8_on_a_gpu_without_float8_names_nf4(monkeypatch, capability):
+    _fake_gpu(monkeypatch, capability)
+    with pytest.raises(SettingError) as e:
+        check_quantization("fp8", "cuda:0")
+    assert f"{capability[0]}.{capability[1]}" in e.value.received
+    assert "8.9" in e.value.expected
+    assert "'nf4'" in e.value.fix
+    check_quantization("nf4", "cuda:0")  # the alternative it names is accepted on the same GPU
+
+
+@pytest.mark.parametrize("capability", [(8, 9), (9, 0), (10, 0), (12, 0)])
+def test_fp8_on_ada_hopper_blackwell_is_accepted(monkeypatch, capability):
+    _fake_gpu(monkeypatch, capability)
+    check_quantization("fp8", "cuda")
+
+
+def test_fp8_without_torchao_says_how_to_install_it(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
+    _fake_gpu(monkeypatch, (9, 0))
+    with pytest.raises(SettingError) as e:
         check_quantization("fp8", "cuda")
+    assert "pip install torchao" in e.value.fix and "nf4" in e.value.fix
+
+
+def test_fp8_configs_are_torchao_float8():
+    pytest.importorskip("torchao")
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig, PerRow
+
+    d = diffusers_quant_config("fp8", torch.bfloat16)
+    t = transformers_quant_config("fp8", torch.bfloat16)
+    assert type(d).__module__.startswith("diffusers") and type(d).__name__ == "TorchAoConfig"
+    assert type(t).__module__.startswith("transformers") and type(t).__name__ == "TorchAoConfig"
+    # the denoiser: float8 weights and per-row float8 activations (scaled matmul); text encoders: weight-only
+    assert isinstance(d.quant_type, Float8DynamicActivationFloat8WeightConfig)
+    assert all(isinstance(g, PerRow) for g in d.quant_type.granularity)
+    assert d.quant_type.weight_dtype == torch.float8_e4m3fn
+    assert isinstance(t.quant_type, Float8WeightOnlyConfig)
+
+
+def test_fp8_runs_in_bf16_only():
+    from atelier.memory import check_quant_dtype
+
+    check_quant_dtype("fp8", torch.bfloat16)
+    for dtype in (torch.float16, torch.float32):
+        with pytest.raises(SettingError) as e:
+            check_quant_dtype("fp8", dtype)
+        assert "bf16" in e.value.fix
+    check_quant_dtype("nf4", torch.float16)  # the others take any dtype
+
+
+def test_fp8_footprint_is_about_half():
+    fp8, full = footprint(SIZES, "fp8", torch.bfloat16), footprint(SIZES, "none", torch.bfloat16)
+    assert 0.5 * full.transformer <= fp8.transformer <= 0.6 * full.transformer
+    assert full.vae == fp8.vae
 
 
 def test_nf4_configs():

@@ -61,6 +61,22 @@ def _spec(group: str, base: Path, tiny_dir: Path):
         t = tiny_character.build(base / "tiny-character")
         return CharacterSpec(model=str(t["sd15"]), controlnet=str(t["controlnet"]),
                              tokenizer=tiny_character.tokenizer_dir())
+    if group == "tryon":
+        from atelier import tryon
+        from tests.harness import tiny_sdxl
+        from tests.harness.comfy_server import comfy_root
+
+        world = tiny_sdxl.build_world(base / "tiny_sdxl_models")
+        return tryon.TryOnSpec(files=tryon.TryOnFiles(
+            layout="single_file", path=str(world["checkpoint"]), controlnet=str(world["controlnet_file"]),
+            ip_adapter=str(world["ip_safetensors"]), clip_vision=str(world["clip_vision"]),
+            tokenizer=str(comfy_root() / "comfy" / "sd1_tokenizer")))
+    if group == "redux":
+        from atelier import flux_tryon
+        from tests.harness import tiny_flux
+
+        files = tiny_flux.build_redux(base / "contract-redux")
+        return flux_tryon.ReduxSpec(redux=str(files["redux"]), siglip=str(files["siglip"]))
     raise AssertionError(f"no tiny model for the stage {group!r}: add one here when adding the stage")
 
 

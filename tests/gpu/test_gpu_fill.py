@@ -37,7 +37,7 @@ def test_combo_runs_and_keeps_unmasked_pixels(tiny_dir, quantization, offload):
     spec = FluxFillSpec(files=FluxFillFiles("diffusers", str(tiny_dir)), quantization=quantization,
                         offload=offload, device="cuda")
     handle = fill.make_handle(spec)
-    assert handle.offload in ("none", "model", "sequential")
+    assert handle.offload in ("none", "model", "sequential", "budget")
     model = stage.get(fill.STAGE, handle)
     image, mask = _inputs()
     out = fill.inpaint(model, image, mask, "a lamp", steps=2, seed=1, composite_back=True)

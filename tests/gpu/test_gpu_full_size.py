@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gc
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,8 +20,6 @@ from atelier.types import FluxFillFiles, FluxFillSpec
 
 pytestmark = pytest.mark.gpu
 GiB = 1024**3
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "benchmarks"))
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +32,7 @@ def base() -> Path:
 
 @pytest.fixture(scope="module")
 def folder(base) -> Path:
-    import bench_comfy
+    from benchmarks import bench_comfy
 
     return base / "models" / "diffusers" / bench_comfy.DIFFUSERS_NAME
 
@@ -71,7 +68,7 @@ def test_full_size_combo_two_steps(folder, quantization, offload):
 
 
 def test_free_hands_the_vram_back_through_comfyui(base):
-    import bench_comfy
+    from benchmarks import bench_comfy
 
     srv = bench_comfy.Server(base)
     try:
@@ -91,7 +88,7 @@ def test_free_hands_the_vram_back_through_comfyui(base):
 
 
 def test_a_core_model_evicts_atelier_instead_of_running_out_of_memory(base):
-    import bench_comfy
+    from benchmarks import bench_comfy
 
     row = bench_comfy.run_eviction(base, steps=2)
     assert "error" not in row, row

@@ -1,12 +1,7 @@
-"""Pytest fixtures for every tier that needs a real ComfyUI server (tests/comfy, tests/browser, ...).
+"""Pytest fixtures for every tier that needs a real ComfyUI server (tests/comfy, tests/compat, tests/browser).
 
-A conftest re-exports them::
-
-    from tests.harness.comfy_fixtures import client, comfy_base, comfy_server, server_log, tiny_flux, ws  # noqa: F401
-
-Every conftest that imports them gets its own fixture definitions, but they share **one** server per test
-process: the base directory, the server and the tiny FLUX model live in a process-wide registry, so
-`pytest tests` boots ComfyUI once for all directories, and the last directory to finish stops it.
+Loaded once as a pytest plugin by tests/conftest.py, so the session fixtures are one per test process:
+`pytest tests` boots ComfyUI once for all directories and stops it at the end of the session.
 
 The ComfyUI tree comes from `bash .ci/setup_env.sh` ($ATELIER_COMFYUI or $ATELIER_CACHE/comfyui). When it is
 missing the fixtures fail (never skip): CI must install it.
@@ -35,56 +30,39 @@ MODEL_FOLDERS = ("diffusers", "diffusion_models", "text_encoders", "vae", "loras
 TINY_DIFFUSERS_NAME = "flux-fill-tiny"
 
 
-class _Shared:
-    """What every conftest's copy of the fixtures hands out: one base directory, one server, one tiny model."""
-
-    base: Path | None = None
-    server: ComfyServer | None = None
-    server_users = 0
-    tiny_flux: dict | None = None
-
-
 @pytest.fixture(scope="session")
 def comfy_base(tmp_path_factory) -> Path:
     """The server's --base-directory, with an empty models/ tree the tests can drop files into."""
-    if _Shared.base is None:
-        base = tmp_path_factory.mktemp("comfy_base")
-        for name in MODEL_FOLDERS:
-            (base / "models" / name).mkdir(parents=True, exist_ok=True)
-        _Shared.base = base
-    return _Shared.base
+    base = tmp_path_factory.mktemp("comfy_base")
+    for name in MODEL_FOLDERS:
+        (base / "models" / name).mkdir(parents=True, exist_ok=True)
+    return base
 
 
 @pytest.fixture(scope="session")
 def comfy_server(comfy_base):
     """A running ComfyUI (CPU) with this repository as custom_nodes/atelier; one per test process."""
-    if _Shared.server is None:
-        problem = None
-        try:
-            comfy_root()
-        except ComfyUINotInstalled as e:
-            problem = str(e)
-        if problem:
-            pytest.fail(problem, pytrace=False)
-        server = ComfyServer(comfy_base, REPO_ROOT)
-        try:
-            server.start(timeout=240)
-        except ServerStartError as e:
-            problem = f"ComfyUI did not start: {e}"
-        if problem:
-            server.stop()
-            pytest.fail(problem, pytrace=False)
-        log.info("ComfyUI up at %s in %.1f s", server.url, server.boot_seconds)
-        _Shared.server = server
-    _Shared.server_users += 1
+    problem = None
     try:
-        yield _Shared.server
+        comfy_root()
+    except ComfyUINotInstalled as e:
+        problem = str(e)
+    if problem:
+        pytest.fail(problem, pytrace=False)
+    server = ComfyServer(comfy_base, REPO_ROOT)
+    try:
+        server.start(timeout=240)
+    except ServerStartError as e:
+        problem = f"ComfyUI did not start: {e}"
+    if problem:
+        server.stop()
+        pytest.fail(problem, pytrace=False)
+    log.info("ComfyUI up at %s in %.1f s", server.url, server.boot_seconds)
+    try:
+        yield server
     finally:
-        _Shared.server_users -= 1
-        if _Shared.server_users == 0:
-            server, _Shared.server = _Shared.server, None
-            rc = server.stop()
-            log.info("ComfyUI stopped (exit code %s); log at %s", rc, server.log_path)
+        rc = server.stop()
+        log.info("ComfyUI stopped (exit code %s); log at %s", rc, server.log_path)
 
 
 @pytest.fixture(scope="session")
@@ -111,19 +89,15 @@ def server_log(comfy_server):
     return read
 
 
-def add_server_log(item, report) -> None:
-    """Append the server log's tail to the report of a failing test that used the server."""
-    if report.failed and "comfy_server" in getattr(item, "fixturenames", ()):
-        server = item.funcargs.get("comfy_server") if hasattr(item, "funcargs") else None
-        if server is not None:
-            report.sections.append(("ComfyUI server log (last 60 lines)", server.log_tail(60)))
-
-
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """A failing test that used the server gets the server log's tail in its report."""
     outcome = yield
-    add_server_log(item, outcome.get_result())
+    report = outcome.get_result()
+    if report.failed and "comfy_server" in getattr(item, "fixturenames", ()):
+        server = item.funcargs.get("comfy_server") if hasattr(item, "funcargs") else None
+        if server is not None:
+            report.sections.append(("ComfyUI server log (last 60 lines)", server.log_tail(60)))
 
 
 # ------------------------------------------------------------------------------------- tiny FLUX Fill models
@@ -136,16 +110,14 @@ def tiny_flux(comfy_base):
     Returns a dict: diffusers (folder), choice_diffusers / choice_single (the loader's combo values), and the
     single-file paths (transformer, clip_l, t5xxl, vae).
     """
-    if _Shared.tiny_flux is None:
-        from tests.harness import tiny_flux as tf
+    from tests.harness import tiny_flux as tf
 
-        models = comfy_base / "models"
-        folder = tf.build_diffusers(models / "diffusers" / TINY_DIFFUSERS_NAME)
-        paths = tf.export_single_files(folder, models)
-        _Shared.tiny_flux = {
-            "diffusers": folder,
-            "choice_diffusers": f"diffusers/{TINY_DIFFUSERS_NAME}",
-            "choice_single": "diffusion_models/" + Path(tf.SINGLE_FILES["transformer"]).name,
-            **paths,
-        }
-    return _Shared.tiny_flux
+    models = comfy_base / "models"
+    folder = tf.build_diffusers(models / "diffusers" / TINY_DIFFUSERS_NAME)
+    paths = tf.export_single_files(folder, models)
+    return {
+        "diffusers": folder,
+        "choice_diffusers": f"diffusers/{TINY_DIFFUSERS_NAME}",
+        "choice_single": "diffusion_models/" + Path(tf.SINGLE_FILES["transformer"]).name,
+        **paths,
+    }

@@ -94,6 +94,38 @@ def comfy_python() -> str:
     return sys.executable
 
 
+_COMFY_MODULES: dict = {}  # ComfyUI's comfy.* modules that import_comfy imported, kept out of sys.modules
+
+
+def import_comfy(module: str):
+    """A module of ComfyUI's own `comfy` package (e.g. "comfy.utils") from the tree of :func:`comfy_root`.
+
+    Imported without touching sys.path and without leaving ComfyUI's `comfy` in sys.modules: under pytest's importlib
+    import mode `comfy` there is tests/comfy's package, and the tree's top-level `nodes`, `utils`, ... would shadow
+    other modules of those names. Only for functions that import nothing when called (the key converters)."""
+    if module not in _COMFY_MODULES:
+        import importlib
+        import importlib.machinery
+        import importlib.util
+
+        def ours(name: str) -> bool:
+            return name == "comfy" or name.startswith("comfy.")
+
+        others = {k: sys.modules.pop(k) for k in [k for k in sys.modules if ours(k)]}
+        try:
+            sys.modules.update(_COMFY_MODULES)
+            if "comfy" not in sys.modules:
+                spec = importlib.machinery.PathFinder.find_spec("comfy", [str(comfy_root())])
+                package = importlib.util.module_from_spec(spec)
+                sys.modules["comfy"] = package
+                spec.loader.exec_module(package)
+            importlib.import_module(module)
+        finally:
+            _COMFY_MODULES.update({k: sys.modules.pop(k) for k in [k for k in sys.modules if ours(k)]})
+            sys.modules.update(others)
+    return _COMFY_MODULES[module]
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -423,6 +455,15 @@ class ComfyClient:
     def free(self, unload_models: bool = True, free_memory: bool = False) -> None:
         """Same as the Unload buttons; takes effect when the queue worker next wakes (after a running prompt)."""
         self._post("/free", json={"unload_models": unload_models, "free_memory": free_memory})
+
+    def forget_outputs(self, timeout: float = 60) -> None:
+        """Empty the server's output cache (POST /free with free_memory, models kept loaded) and wait until it is
+        done, so the next prompt runs every node again (a cached node sends no UI output: a loader's text).
+
+        The queue worker reads the /free flags after each prompt, so one trivial prompt run after them settles it."""
+        self.free(unload_models=False, free_memory=True)
+        self.run({"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+                  "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}, timeout=timeout)
 
     def upload_image(self, path_or_bytes: Union[str, Path, bytes], name: Optional[str] = None,
                      overwrite: bool = True, subfolder: str = "", type: str = "input") -> str:

@@ -453,6 +453,52 @@ def page_events(page, prompt_id: str | None = None) -> list:
     return [e for e in ev if prompt_id is None or e["prompt_id"] == prompt_id]
 
 
+def frames(page, n: int = 2) -> None:
+    """Wait for `n` animation frames (the canvas and the DOM widgets over it redrawn)."""
+    page.evaluate("(n) => new Promise(r => { const f = k => k ? requestAnimationFrame(() => f(k - 1)) : r(); f(n); })",
+                  n)
+
+
+def show_node(page, node_id: int | str, size: tuple | None = None) -> None:
+    """Zoom 100 %, the node near the canvas' top-left corner (made `size` large if given): what an artist does to
+    read or edit a node."""
+    page.evaluate("""([id, size]) => {
+      const node = window.app.graph.getNodeById(Number(id));
+      if (size) node.setSize(size);
+      const ds = window.app.canvas.ds;
+      ds.scale = 1;
+      ds.offset = [-node.pos[0] + 140, -node.pos[1] + 120];
+      window.app.canvas.setDirty(true, true);
+    }""", [str(node_id), list(size) if size else None])
+    frames(page, 3)
+
+
+def text_box(page, node_id: int | str, want: str | None = None, name: str = "atelier_info",
+             timeout: float = 30) -> dict:
+    """The read-only text box the pack's text extension shows on a node (web/js/atelier_common.js showText), as an
+    artist sees it: the node is brought into view first (:func:`show_node`). Waits until the box holds `want` when
+    given. Returns {value, read_only, saved (in widgets_values / the prompt), visible (on screen, inside the node,
+    not covered: the element at its centre is the box)}; raises when the node never shows the box."""
+    page.wait_for_function("""([id, name, want]) => {
+      const w = (window.app.graph.getNodeById(Number(id))?.widgets || []).find(w => w.name === name);
+      return w && (want === null || w.value === want);
+    }""", arg=[str(node_id), name, want], timeout=timeout * 1000)
+    show_node(page, node_id)
+    return page.evaluate("""([id, name]) => {
+      const node = window.app.graph.getNodeById(Number(id)), c = window.app.canvas, ds = c.ds;
+      const w = node.widgets.find(w => w.name === name), el = w.inputEl, r = el.getBoundingClientRect();
+      const cr = c.canvas.getBoundingClientRect(), b = node.boundingRect;
+      const nx = cr.left + (b[0] + ds.offset[0]) * ds.scale, ny = cr.top + (b[1] + ds.offset[1]) * ds.scale;
+      const inside = r.left >= nx - 1 && r.top >= ny - 1 && r.right <= nx + b[2] * ds.scale + 1 &&
+                     r.bottom <= ny + b[3] * ds.scale + 1;
+      const hit = document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2);
+      return {value: w.value, read_only: el.readOnly,
+              saved: w.serialize !== false || w.options?.serialize !== false,
+              visible: el.isConnected && el.checkVisibility({opacityProperty: true, visibilityProperty: true}) &&
+                       r.width > 20 && r.height > 10 && inside && (hit === el || el.contains(hit))};
+    }""", [str(node_id), name])
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Pictures
 # --------------------------------------------------------------------------------------------------------------
@@ -478,6 +524,20 @@ _GRAPH_BOX = """(margin) => {
   const bottom = Math.min(r.bottom, r.top + (y1 + ds.offset[1]) * ds.scale + margin);
   return {x: left, y: top, width: right - left, height: bottom - top};
 }"""
+
+
+def screenshot_node(page, node_id: int | str, path: str | Path) -> Path:
+    """A PNG of one node as it is on the screen now (with its DOM widgets)."""
+    box = page.evaluate("""(id) => {
+      const node = window.app.graph.getNodeById(Number(id)), c = window.app.canvas, ds = c.ds;
+      const r = c.canvas.getBoundingClientRect(), b = node.boundingRect;
+      return {x: r.left + (b[0] + ds.offset[0]) * ds.scale, y: r.top + (b[1] + ds.offset[1]) * ds.scale,
+              width: b[2] * ds.scale, height: b[3] * ds.scale};
+    }""", str(node_id))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(path), clip=box)
+    return path
 
 
 def screenshot_canvas(page, path: str | Path, fit: bool = True, focus: bool = True, crop: bool = True) -> Path:

@@ -215,16 +215,6 @@ def _comfy_unet_config(cfg) -> dict:
             "transformer_depth_middle": 1}
 
 
-def _comfy():
-    import sys
-
-    from tests.harness.comfy_server import comfy_root
-
-    root = str(comfy_root())
-    if root not in sys.path:
-        sys.path.append(root)
-
-
 def export_ldm_controlnet(folder: Path, out: Path) -> Path:
     """The tiny ControlNet in lllyasviel's original layout (control_v11p_*.pth keys: input_blocks, zero_convs,
     input_hint_block, middle_block_out), as a safetensors file. The UNet part uses ComfyUI's key map; the
@@ -234,8 +224,9 @@ def export_ldm_controlnet(folder: Path, out: Path) -> Path:
 
     if out.is_file():
         return out
-    _comfy()
-    from comfy.utils import unet_to_diffusers
+    from tests.harness.comfy_server import import_comfy
+
+    unet_to_diffusers = import_comfy("comfy.utils").unet_to_diffusers
 
     cn = ControlNetModel.from_pretrained(folder)
     sd = cn.state_dict()
@@ -265,9 +256,10 @@ def export_ldm_checkpoint(sd15: Path, out: Path) -> Path:
 
     if out.is_file():
         return out
-    _comfy()
-    from comfy import diffusers_convert
-    from comfy.utils import unet_to_diffusers
+    from tests.harness.comfy_server import import_comfy
+
+    diffusers_convert = import_comfy("comfy.diffusers_convert")
+    unet_to_diffusers = import_comfy("comfy.utils").unet_to_diffusers
 
     unet = UNet2DConditionModel.from_pretrained(sd15, subfolder="unet")
     mapping = unet_to_diffusers(_comfy_unet_config(unet.config))

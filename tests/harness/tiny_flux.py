@@ -12,12 +12,11 @@ Everything is random and small (a few MB): outputs are noise, which is all parit
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 
-from .comfy_server import comfy_root
+from .comfy_server import comfy_root, import_comfy
 
 # shapes chosen so that every config the loader reads off a single file matches the diffusers config
 TRANSFORMER = dict(patch_size=1, in_channels=288, out_channels=16, num_layers=1, num_single_layers=1,
@@ -77,11 +76,8 @@ def build_diffusers(dst: Path, seed: int = 0, scale: int = 1) -> Path:
 
 
 def _comfy_key_maps():
-    root = str(comfy_root())
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    import comfy.diffusers_convert as dc  # ComfyUI's own converters: an independent check of our loader
-    import comfy.utils as cu
+    # ComfyUI's own converters: an independent check of our loader
+    dc, cu = import_comfy("comfy.diffusers_convert"), import_comfy("comfy.utils")
 
     return cu.flux_to_diffusers, dc.convert_vae_state_dict
 
@@ -126,4 +122,50 @@ def export_single_files(pipeline_dir: Path, models_dir: Path) -> dict[str, Path]
     t5 = {k: v.clone().contiguous() for k, v in pipe.text_encoder_2.state_dict().items()}
     save_file(t5, paths["t5xxl"])
     save_file({k: v.contiguous() for k, v in convert_vae(pipe.vae.state_dict()).items()}, paths["vae"])
+    return paths
+
+
+def random_lora(transformer, path: Path, rank: int = 4, seed: int = 7) -> Path:
+    """A random LoRA on the attention projections of ``transformer``, in diffusers/PEFT key names."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, module in transformer.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.endswith((".to_q", ".to_k", ".to_v")):
+            out[f"transformer.{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=g) * 0.3
+            out[f"transformer.{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=g) * 0.3
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(out, path)
+    return path
+
+
+REDUX_FILES = {"redux": "style_models/flux1-redux-tiny.safetensors",
+               "siglip": "clip_vision/sigclip_vision_patch14_384-tiny.safetensors"}
+
+
+def build_redux(models_dir: Path, folder: Path | None = None, seed: int = 9) -> dict[str, Path]:
+    """A tiny random FLUX Redux (SigLIP vision encoder + ReduxImageEncoder) as ComfyUI's single files under
+    ``models_dir`` (style_models/, clip_vision/); with ``folder`` also a FluxPriorReduxPipeline folder (no text
+    encoders) for plain diffusers."""
+    from diffusers import FluxPriorReduxPipeline
+    from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
+    from safetensors.torch import save_file
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(seed)
+    encoder = SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                                   num_attention_heads=1, image_size=32, patch_size=8))
+    embedder = ReduxImageEncoder(redux_dim=32, txt_in_features=T5["d_model"])
+    paths = {k: models_dir / v for k, v in REDUX_FILES.items()}
+    for p in paths.values():
+        p.parent.mkdir(parents=True, exist_ok=True)
+    # the files ComfyUI users have carry transformers 4's names ("vision_model." prefix)
+    save_file({(k if k.startswith("vision_model.") else f"vision_model.{k}"): v.contiguous()
+               for k, v in encoder.state_dict().items()}, paths["siglip"])
+    save_file({k: v.contiguous() for k, v in embedder.state_dict().items()}, paths["redux"])
+    if folder is not None:
+        FluxPriorReduxPipeline(image_encoder=encoder, image_embedder=embedder,
+                               feature_extractor=SiglipImageProcessor(size={"height": 32, "width": 32})
+                               ).save_pretrained(folder, safe_serialization=True)
     return paths

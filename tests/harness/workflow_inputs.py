@@ -54,21 +54,21 @@ WORKFLOW_NAMES = {"controlnet": "control_v11p_sd15_openpose_fp16.safetensors", "
                   "clip_vision": "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors", "loras": "lcm-lora-sdv1-5.safetensors"}
 CHARACTER_FILES = {"controlnet": "controlnet_file", "ipadapter": "ip_adapter", "clip_vision": "clip_vision",
                    "loras": "lcm_lora"}
-POSE_FILES = ("pose_landmark_full.tflite", "pose_detection.tflite")
 
 
 def place_pose_models(models_root: Path) -> None:
     """BlazePose's real .tflite files (tests/harness/real_weights.blazepose_dir) in models/pose."""
     from tests.harness import real_weights
 
-    source = getattr(real_weights, "blazepose_dir", None)  # the pose stage's harness (branch h-pose)
-    if source is None:
-        return
-    for name in POSE_FILES:
-        dst = Path(models_root) / "pose" / name
+    for src in real_weights.blazepose_dir().glob("*.tflite"):
+        dst = Path(models_root) / "pose" / src.name
         if not dst.exists():
             dst.parent.mkdir(parents=True, exist_ok=True)
-            dst.symlink_to(Path(source()) / name)
+            dst.symlink_to(src)
+
+
+TRYON_CHOICE = "checkpoints/sdxl_inpaint_tiny.safetensors"
+TRYON_IP_ADAPTER = "ip-adapter-plus_sdxl_vit-h.safetensors"  # the workflow's own choice: a tiny one under that name
 
 
 def place_models(models_root: Path, flux_choice: str, work_dir: Path) -> dict:
@@ -76,7 +76,7 @@ def place_models(models_root: Path, flux_choice: str, work_dir: Path) -> dict:
 
     `flux_choice`: the tiny FLUX.1 Fill's combo value (the `tiny_flux` fixture builds it); `work_dir`: where the
     tiny Qwen-Image-Layered is built once per session (a pytest basetemp)."""
-    from tests.harness import real_weights, tiny_depth, tiny_fastcomposer, tiny_layered, tiny_sam2, tiny_vlm
+    from tests.harness import real_weights, tiny_depth, tiny_fastcomposer, tiny_layered, tiny_sam2, tiny_sdxl, tiny_vlm
 
     models_root = Path(models_root)
     tiny_vlm.build("qwen2_5_vl", models_root / "LLM" / VLM_CHOICE)
@@ -92,20 +92,21 @@ def place_models(models_root: Path, flux_choice: str, work_dir: Path) -> dict:
     layered = models_root / "diffusers" / LAYERED_CHOICE
     if not layered.exists():
         layered.symlink_to(tiny_layered.shared_folder(work_dir), target_is_directory=True)
-    (models_root / "pose").mkdir(parents=True, exist_ok=True)
-    for f in real_weights.blazepose_dir().glob("*.tflite"):
-        if not (models_root / "pose" / f.name).exists():
-            (models_root / "pose" / f.name).symlink_to(f)
     tiny_depth.build_depth_anything(models_root / "depth" / DEPTH_CHOICE)
     composer = tiny_fastcomposer.shared_folder(work_dir)["checkpoint"]
     (models_root / "fastcomposer").mkdir(parents=True, exist_ok=True)
     for f in (composer, tiny_fastcomposer.config_sidecar_of(composer)):  # the checkpoint and its size sidecar
         if not (models_root / "fastcomposer" / f.name).exists():
             (models_root / "fastcomposer" / f.name).symlink_to(f)
+    world = tiny_sdxl.build_world(models_root)
+    plus = models_root / "ipadapter" / TRYON_IP_ADAPTER
+    if not plus.exists():
+        plus.symlink_to(world["ip_plus"])
     return {
         "AtelierPose": POSE_LANDMARK,
         "AtelierGarmentMask": POSE_LANDMARK,
         "AtelierDepth": DEPTH_CHOICE,
+        "AtelierTryOnLoader": TRYON_CHOICE,
         "AtelierFluxFillLoader": flux_choice,
         "AtelierVLMLoader": VLM_CHOICE,
         "AtelierBackgroundRemoverLoader": U2NETP,
@@ -135,6 +136,8 @@ ARTIST_EDITS = {
     "animate_from_video.json": {"AtelierCharacterLoader": {"model": None}, "AtelierAnimateCharacter": {"steps": 2}},
     "animate_keyframes.json": {"AtelierVLMLoader": {"model": None}, "AtelierCaption": {"max_new_tokens": 12},
                                "AtelierCharacterLoader": {"model": None}, "AtelierAnimateCharacter": {"steps": 2}},
+    "tryon_sdxl.json": {"AtelierTryOnLoader": {"model": None}, "AtelierTryOn": {"steps": 2}},
+    "tryon_flux.json": {"AtelierFluxFillLoader": {"model": None}, "AtelierFluxTryOn": {"steps": 2, "height": 32}},
 }
 
 
@@ -171,6 +174,21 @@ def inpaint_example(w: int = 128, h: int = 96) -> np.ndarray:
     rgba = np.dstack([scene(w, h), np.full((h, w), 255, np.uint8)])
     rgba[h // 3: 3 * h // 4, w // 3: 2 * w // 3, 3] = 0
     return rgba
+
+
+def tryon_person(size: int = 64) -> np.ndarray:
+    """The scene as RGBA with a transparent torso-like block: the MaskEditor's output (transparent = garment area)."""
+    rgba = np.dstack([scene(size, size), np.full((size, size), 255, np.uint8)])
+    rgba[size // 4: 7 * size // 8, size // 5: 4 * size // 5, 3] = 0
+    return rgba
+
+
+def tryon_garment(w: int = 40, h: int = 48) -> np.ndarray:
+    """A red shirt-ish block with a white 'logo' on a light background."""
+    rgb = np.full((h, w, 3), 235, np.uint8)
+    rgb[h // 8:, w // 8: 7 * w // 8] = (200, 30, 40)
+    rgb[h // 3: h // 2, 2 * w // 5: 3 * w // 5] = 255
+    return rgb
 
 
 def layer_stack():
@@ -211,6 +229,8 @@ def input_files() -> dict:
         psd = layer_files.write_psd(layer_stack(), Path(tmp) / "layers.psd").read_bytes()
     return {
         "atelier_inpaint_example.png": png(inpaint_example()),
+        "atelier_tryon_person.png": png(tryon_person()),
+        "atelier_tryon_garment.png": png(tryon_garment()),
         "atelier_background.png": png(scene()),
         "atelier_object.png": png(obj),
         "atelier_object_photo.png": png(photo),

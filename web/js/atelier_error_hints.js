@@ -6,11 +6,16 @@ import { app } from "../../../scripts/app.js";
 import { api } from "../../../scripts/api.js";
 
 // id -> what the English message says (atelier/errors.py: "<expected>; got <received>. <fix>")
+// (first match wins: the rules for one stage's files come before the general ones their messages would also match)
 export const HINT_RULES = [
+    ["pose_models_missing", /(\.tflite\b|models\/pose\b)[^;]*; got (no such file|no file at)/],
+    ["fastcomposer_missing", /FastComposer checkpoint '[^']*' in models\/fastcomposer; got no such file|; got no such file\. Put it in models\/fastcomposer/],
+    ["controlnet_problem", /^[^;]*\bControlNet\b[^;]*; got /],
+    ["ip_adapter_problem", /^[^;]*\b(IP-Adapter|CLIP vision)\b[^;]*; got /],
     ["model_not_found", /; got no such (file|folder)\b/],
     ["model_part_missing", /in models\/\S+ \(looked for names containing .*; got none\./],
     ["incomplete_model_folder", /^a complete .* folder|^a loadable .* folder with|with every weight of|^every weight of/],
-    ["wrong_model_type", /^an? (FLUX\.1 Fill transformer|FLUX transformer in BFL|\w+Pipeline folder|Qwen2-VL, Qwen2\.5-VL or Qwen3-VL folder|CLIP text encoder|T5 encoder|VAE in LDM|BiRefNet \/ RMBG-2\.0 checkpoint|background-removal model|ONNX model with|SAM ?2)/],
+    ["wrong_model_type", /^an? (FLUX\.1 Fill transformer|FLUX transformer in BFL|\w+Pipeline folder|Qwen2-VL, Qwen2\.5-VL or Qwen3-VL folder|CLIP text encoder|T5 encoder|VAE in LDM|BiRefNet \/ RMBG-2\.0 checkpoint|background-removal model|ONNX model with|SAM ?2|SD1\.5 model;|SDXL checkpoint \(|diffusers SDXL folder|depth-estimation model|FastComposer checkpoint \(keys)/],
     ["damaged_file", /cannot be read|that onnxruntime can read|damaged, incomplete|INVALID_PROTOBUF/],
     ["out_of_memory", /out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED/i],
     ["quantization_needs_gpu", /^a CUDA GPU for quantization/],

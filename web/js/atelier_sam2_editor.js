@@ -5,7 +5,7 @@
 //   left click = a point on the object, right click = a point that is not the object, drag = a box (one object
 //   per box), click on a point = remove it, click on a box's × = remove the box.
 import { app } from "../../../scripts/app.js";
-import { api } from "../../../scripts/api.js";
+import { chainCallback, onRestoredOutputs, viewURL } from "./atelier_common.js";
 
 const NODE = "AtelierSAM2Segment";
 const WIDGET = "atelier_sam2_editor";
@@ -60,11 +60,6 @@ export function formatBoxes(boxes) {
 }
 
 // ------------------------------------------------------------------------------------------- image source
-
-function viewURL(file) {
-    const params = new URLSearchParams({ filename: file.filename, subfolder: file.subfolder ?? "", type: file.type });
-    return api.apiURL(`/view?${params}`);
-}
 
 // The Load Image node feeding `image` directly (through Reroutes), and its file as a /view URL.
 function upstreamImage(node) {
@@ -405,18 +400,16 @@ app.registerExtension({
     name: "atelier.sam2_editor",
     // outputs restored by the frontend (switching back to this workflow's tab): show the last run again
     onNodeOutputsUpdated(outputs) {
-        for (const node of app.graph?.nodes ?? []) {
+        onRestoredOutputs(outputs, (node, output) => {
             const editor = node.atelierSam2Editor;
-            const info = outputs?.[String(node.id)]?.atelier_sam2?.[0];
+            const info = output.atelier_sam2?.[0];
             if (editor && info && info.image?.filename !== editor.runInfo?.image?.filename) editor.executed(info);
-        }
+        });
     },
     async beforeRegisterNodeDef(nodeType, nodeData) {
         if (nodeData.name !== NODE) return;
 
-        const onNodeCreated = nodeType.prototype.onNodeCreated;
-        nodeType.prototype.onNodeCreated = function () {
-            const r = onNodeCreated?.apply(this, arguments);
+        chainCallback(nodeType.prototype, "onNodeCreated", function () {
             const editor = new Sam2Editor(this);
             const widget = this.addDOMWidget(WIDGET, "atelier_sam2_editor", editor.element, {
                 serialize: false, // not an input: never in widgets_values nor in the queued prompt
@@ -427,30 +420,23 @@ app.registerExtension({
             widget.editor = editor;
             this.atelierSam2Editor = editor;
             this.setSize([Math.max(this.size[0], 400), Math.max(this.size[1], this.computeSize()[1])]);
-            return r;
-        };
+        });
 
         // a typed value, another Load Image file, a resize: keep the picture and the marks current
-        const onDrawForeground = nodeType.prototype.onDrawForeground;
-        nodeType.prototype.onDrawForeground = function () {
-            const r = onDrawForeground?.apply(this, arguments);
+        chainCallback(nodeType.prototype, "onDrawForeground", function () {
             const editor = this.atelierSam2Editor;
-            if (editor) {
-                const src = editor.source();
-                const sig = [editor.texts().join("\u0000"), src?.url, src?.width, src?.height].join("|");
-                if (sig !== editor.lastSig) {
-                    editor.lastSig = sig;
-                    editor.draw();
-                }
+            if (!editor) return;
+            const src = editor.source();
+            const sig = [editor.texts().join("\u0000"), src?.url, src?.width, src?.height].join("|");
+            if (sig !== editor.lastSig) {
+                editor.lastSig = sig;
+                editor.draw();
             }
-            return r;
-        };
+        });
 
-        const onExecuted = nodeType.prototype.onExecuted;
-        nodeType.prototype.onExecuted = function (message) {
-            onExecuted?.apply(this, arguments);
+        chainCallback(nodeType.prototype, "onExecuted", function (message) {
             const info = message?.atelier_sam2?.[0];
             if (info && this.atelierSam2Editor) this.atelierSam2Editor.executed(info);
-        };
+        });
     },
 });

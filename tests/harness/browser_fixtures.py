@@ -1,9 +1,7 @@
-"""Browser tier: the real ComfyUI frontend in headless Chromium against the real server with the pack.
+"""Pytest fixtures of the browser tier: the real ComfyUI frontend in headless Chromium against the real server with
+the pack (loaded as a pytest plugin by tests/conftest.py, beside tests/harness/comfy_fixtures.py whose server,
+``client`` and ``comfy_base`` they use).
 
-Fixtures (any test under tests/browser gets them):
-
-* the server fixtures of tests/comfy (``comfy_server``, ``client``, ``comfy_base``, ``server_log``, ``tiny_flux``,
-  ``ws``): one ComfyUI per test process, shared with tests/comfy (tests/harness/comfy_fixtures.py);
 * ``browser`` (session): Playwright's Chromium (Debian's /usr/bin/chromium, headless, --no-sandbox). Skips the
   test, saying why, when Playwright or Chromium is missing (`bash .ci/setup_env.sh` installs both when root);
 * ``page``: a new page on the server with the app ready (extensions loaded, graph set up) and empty browser
@@ -11,51 +9,31 @@ Fixtures (any test under tests/browser gets them):
   browser context (``browser_context``: HTTP and code caches). The page records console messages, page errors and
   failed requests: ``log_of(page).problems(since=mark)``;
 * ``artifacts``: tests/browser/_artifacts/ (git-ignored): screenshots and results worth looking at. A failing test
-  that used ``page`` leaves ``_artifacts/failed/<test>.png`` there and its page problems in the report.
+  that used ``page`` leaves ``_artifacts/failed/<test>.png`` there and its page problems in the report;
+* ``uploads`` (module): the pictures and the PSD the workflows' loaders name, uploaded to the server.
 
 Helpers (import them from tests.harness.frontend): ``load_workflow(page, path_or_doc)`` (the drop handler's path),
 ``dialogs(page)``, ``missing_node_types(page)``, ``widgets(page)``, ``widget_problems(doc, widgets, object_info)``,
 ``set_widget(page, node_id, name, value)``, ``queue(page)`` (presses Run), ``wait_done(page, prompt_id)``,
-``graph_to_prompt(page)``, ``screenshot_canvas(page, path)``, ``loaded_extensions(page)``.
+``graph_to_prompt(page)``, ``show_node(page, node_id)``, ``text_box(page, node_id)``, ``screenshot_canvas(page,
+path)``, ``screenshot_node(page, node_id, path)``, ``loaded_extensions(page)``.
 """
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:  # so `tests.harness` imports under --import-mode=importlib too
-    sys.path.insert(0, str(REPO_ROOT))
+from tests.harness import frontend
 
-from tests.harness import frontend  # noqa: E402
-from tests.harness.comfy_fixtures import (  # noqa: E402,F401  (fixtures, by name)
-    add_server_log,
-    client,
-    comfy_base,
-    comfy_server,
-    server_log,
-    tiny_flux,
-    ws,
-)
-
-ARTIFACTS = Path(__file__).resolve().parent / "_artifacts"
-
-
-def pytest_collection_modifyitems(items):
-    here = Path(__file__).resolve().parent
-    for item in items:
-        if here in Path(str(item.fspath)).resolve().parents:
-            item.add_marker(pytest.mark.browser)
+ARTIFACTS = Path(__file__).resolve().parents[1] / "browser" / "_artifacts"
 
 
 @pytest.fixture(scope="session")
 def artifacts() -> Path:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     return ARTIFACTS
-
 
 
 @pytest.fixture(scope="session")
@@ -75,7 +53,7 @@ def browser():
 
 
 @pytest.fixture(scope="session")
-def frontend_user(comfy_server) -> dict:  # noqa: F811 (the imported fixture, requested by name)
+def frontend_user(comfy_server) -> dict:
     """The settings of ComfyUI's default user that every page opens with (stored once per server)."""
     frontend.prepare_user(comfy_server.url)
     return dict(frontend.SETTINGS)
@@ -90,7 +68,7 @@ def browser_context(browser, frontend_user):
 
 
 @pytest.fixture
-def page(browser_context, comfy_server):  # noqa: F811
+def page(browser_context, comfy_server):
     """A new page on the server, app ready, with empty browser storage; closed after the test."""
     pg = frontend.open_app(browser_context, comfy_server.url)
     try:
@@ -101,10 +79,10 @@ def page(browser_context, comfy_server):  # noqa: F811
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """Failing browser tests: the server log's tail, the page's problems and a screenshot of the page."""
+    """Failing browser tests: the page's problems and a screenshot of the page (the server log's tail comes from
+    comfy_fixtures' hook)."""
     outcome = yield
     report = outcome.get_result()
-    add_server_log(item, report)
     if report.failed and report.when == "call":
         pg = getattr(item, "funcargs", {}).get("page")
         if pg is not None:

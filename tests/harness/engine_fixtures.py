@@ -1,4 +1,5 @@
-"""Engine-tier fixtures: one tiny random FLUX.1 Fill model per session, in both on-disk layouts.
+"""Fixtures of the engine tier (tests/engine, and tests/gpu's tiny model): one tiny random FLUX.1 Fill model per
+session, in both on-disk layouts, and an empty model registry. Loaded as a pytest plugin by tests/conftest.py.
 
 The model is written once (diffusers folder + ComfyUI-style single files made with ComfyUI's own key converters)
 and shared by every engine test. ``reference`` runs plain diffusers on the diffusers folder, the way
@@ -7,19 +8,14 @@ and shared by every engine test. ``reference`` runs plain diffusers on the diffu
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:  # so `tests.harness` imports under --import-mode=importlib too
-    sys.path.insert(0, str(REPO_ROOT))
-
-from atelier.registry import REGISTRY  # noqa: E402
-from atelier.types import FluxFillFiles  # noqa: E402
-from tests.harness import tiny_flux  # noqa: E402
+from atelier.registry import REGISTRY
+from atelier.types import FluxFillFiles
+from tests.harness import tiny_flux
 
 
 @pytest.fixture(scope="session")

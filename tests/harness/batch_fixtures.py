@@ -1,24 +1,19 @@
-"""Fixtures for the batch runner's tests: a local Ray cluster, CPU ComfyUI servers with the tiny FLUX Fill, and
-input tables of small pictures.
+"""Fixtures of the batch runner's tests (tests/batch; a pytest plugin loaded by tests/conftest.py): a local Ray
+cluster, CPU ComfyUI servers with the tiny FLUX Fill.
 
 The runner (atelier/batch) never imports from tests/; these fixtures use the harness to start the *external*
 servers that `--servers` drives (the runner starts its own with `--cpu-servers`).
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
+import pytest
+
+from tests.harness.comfy_server import ComfyServer
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:  # so `tests.harness` imports under --import-mode=importlib too
-    sys.path.insert(0, str(REPO_ROOT))
 
-import pytest  # noqa: E402
-
-from tests.harness.comfy_fixtures import comfy_base, pytest_runtest_makereport, tiny_flux  # noqa: E402,F401
-from tests.harness.comfy_server import ComfyServer  # noqa: E402
-
-WORKFLOW = REPO_ROOT / "workflows" / "api" / "flux_fill_inpaint.json"
 N_SERVERS = 3
 
 
