@@ -85,6 +85,9 @@ else:
                 module = import_stage(stage)
                 if module is not None:
                     nodes.extend(module.NODES)
+            if nodes:  # every node's execute behind the shared input checks and error translations
+                guard = importlib.import_module(".nodes._bridge", __name__).guard
+                nodes = [guard(n) for n in nodes]
             return nodes
 
     async def comfy_entrypoint() -> ComfyExtension:

@@ -140,6 +140,9 @@ def find_model_folders(roots: Iterable[str | Path], model_types: Sequence[str] |
 def resolve_folder(name: str, roots: Iterable[str | Path]) -> Path:
     """The path of the loader's combo value ``name`` (a folder under one of ``roots``)."""
     roots = [Path(r) for r in roots]
+    if not name or Path(name).is_absolute() or ".." in Path(name).parts:  # combo values reach us unchecked
+        raise ModelFileError("a model folder name from the list (a folder inside models/LLM)", repr(name),
+                             "Pick a model in the loader's list; names that leave models/LLM are not read.")
     for root in roots:
         path = root / name
         if path.is_dir():
@@ -424,7 +427,26 @@ def to_pil(image: torch.Tensor):
     if w * h > MAX_IMAGE_PIXELS:
         s = math.sqrt(MAX_IMAGE_PIXELS / (w * h))
         pil = pil.resize((max(1, int(w * s)), max(1, int(h * s))), Image.Resampling.LANCZOS)
-    return pil
+    return pad_for_vision(pil)
+
+
+MIN_SIDE = 28  # Qwen-VL's patch (14) × merge (2): smaller sides are refused by its processor
+MAX_ASPECT = 150  # Qwen-VL's processor refuses an aspect ratio of 200 or more
+
+
+def pad_for_vision(pil):
+    """A picture the vision processors accept: a side under MIN_SIDE or a strip longer than MAX_ASPECT : 1 is
+    padded (centred, black) rather than refused; the content is not resized."""
+    from PIL import Image
+
+    w, h = pil.size
+    nw = max(w, MIN_SIDE, -(-h // MAX_ASPECT))
+    nh = max(h, MIN_SIDE, -(-nw // MAX_ASPECT))
+    if (nw, nh) == (w, h):
+        return pil
+    canvas = Image.new("RGB", (nw, nh))
+    canvas.paste(pil, ((nw - w) // 2, (nh - h) // 2))
+    return canvas
 
 
 def prepare_inputs(processor: Any, pil_image: Any, task: str, language: str = "en", instruction: str = ""):

@@ -343,6 +343,9 @@ def parse_keyframes(text: str | None) -> dict[int, str]:
         return {}
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise InputError('keyframe_prompts as {"frame": "prompt", ...} or plain text',
+                         "JSON nested too deep to read", 'Write e.g. {"0": "smiling", "24": "looking left"}.') from None
     except ValueError:
         return {0: text.strip()}
     if isinstance(data, str):

@@ -155,6 +155,23 @@ def _size_override(processor: Any, resolution: int) -> dict:
     return {"size": {"height": resolution, "width": resolution}}
 
 
+MIN_SIDE = 14  # one ViT patch: a smaller picture gives an empty depth map
+MAX_ASPECT = 8  # the processors scale the long side to ~518 px: a longer strip would leave a side of 0 patches
+
+
+def _pad_strip(pil):
+    """A picture under MIN_SIDE or with an aspect ratio over MAX_ASPECT, padded (centred, edge colour) so the processor keeps both
+    sides; returns (picture, (left, top) of the original in it): the depth is cropped back to the original."""
+    from PIL import ImageOps
+
+    w, h = pil.size
+    nw, nh = max(w, MIN_SIDE, -(-h // MAX_ASPECT)), max(h, MIN_SIDE, -(-w // MAX_ASPECT))
+    if (nw, nh) == (w, h):
+        return pil, (0, 0)
+    left, top = (nw - w) // 2, (nh - h) // 2
+    return ImageOps.expand(pil, (left, top, nw - w - left, nh - h - top), fill=pil.getpixel((0, 0))), (left, top)
+
+
 def estimate(model: DepthModel, image: torch.Tensor, resolution: int = 0,
              progress: Progress | None = None) -> torch.Tensor:
     """Depth of every picture (IMAGE BHWC) → IMAGE BHWC, grey, each picture min–max normalised to [0, 1].
@@ -172,13 +189,14 @@ def estimate(model: DepthModel, image: torch.Tensor, resolution: int = 0,
     out = torch.empty((b, h, w, 3), dtype=torch.float32)
     extra = _size_override(model.processor, resolution)
     for i in range(b):
-        pil = Image.fromarray(to_uint8(image[i].detach().cpu().numpy()))
+        pil, (left, top) = _pad_strip(Image.fromarray(to_uint8(image[i].detach().cpu().numpy())))
         inputs = model.processor(images=pil, return_tensors="pt", **extra).to(model.dtype)
         inputs = {k: v.to(model.device) for k, v in inputs.items()}
         with torch.inference_mode():
             outputs = model.model(**inputs)
-            depth = model.processor.post_process_depth_estimation(outputs, [(h, w)])[0]["predicted_depth"]
-        d = depth.float().cpu()
+            depth = model.processor.post_process_depth_estimation(outputs, [(pil.height, pil.width)])[0][
+                "predicted_depth"]
+        d = depth.float().cpu()[top:top + h, left:left + w]
         lo, hi = d.min(), d.max()
         d = (d - lo) / (hi - lo) if hi > lo else torch.zeros_like(d)
         out[i] = d[..., None].expand(h, w, 3)

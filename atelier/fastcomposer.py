@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import pipelines
+from . import pipelines, weights
 from .errors import InputError, ModelFileError
 from .images import check_image, check_mask
 from .memory import Footprint, dtype_name, footprint, plan_offload, resident_vram, resolve_dtype
@@ -200,20 +200,12 @@ def _load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ModelFileError(f"the checkpoint '{path.name}'", "no such file",
                              "Put it in models/fastcomposer, refresh (R) and pick it.")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    if path.suffix != ".bin":
+    if path.suffix not in (".bin", ".safetensors"):
         raise ModelFileError("a .bin or .safetensors checkpoint", f"'{path.name}'",
                              "Use FastComposer's pytorch_model.bin as released, or a .safetensors of the same keys.")
-    try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # an old-format (non-zip) file cannot be memory-mapped
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    if not isinstance(sd, dict):
-        raise ModelFileError("a state dict (name → tensor)", type(sd).__name__, f"Use the checkpoint from {SOURCE}.")
-    return sd.get("state_dict", sd) if "state_dict" in sd and isinstance(sd["state_dict"], dict) else sd
+    # weights_only / safetensors; a damaged or foreign file is a ModelFileError naming it (not a pickle IndexError)
+    return weights.read_state_dict(path, mmap=True, what=f"a FastComposer checkpoint in '{path.name}'",
+                                   fix=f"The file is damaged or not FastComposer's; use the checkpoint from {SOURCE}.")
 
 
 _VAE_OLD_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}

@@ -17,6 +17,7 @@ import torch
 
 from . import flux_files, lora, pipelines
 from .errors import InputError, ModelFileError
+from .guards import check_inputs
 from .images import check_image, check_mask, composite, match_mask_to_images, pad_to_multiple, to_bchw, to_bhwc
 from .memory import (
     ACTIVATION_RESERVE,
@@ -36,6 +37,7 @@ from .memory import (
 from .progress import NullProgress, Progress
 from .stage import Stage, released, with_notes
 from .types import FluxFillFiles, FluxFillHandle, FluxFillSpec
+from .weights import read_safetensors_header
 
 log = logging.getLogger("atelier")
 
@@ -97,12 +99,15 @@ def check_files(files: FluxFillFiles) -> None:
         return
     if not os.path.isfile(files.path):
         raise ModelFileError("a FLUX.1 Fill transformer file", f"'{files.path}'", "Put flux1-fill-dev.safetensors in models/diffusion_models.")
+    read_safetensors_header(files.path)  # a partial download or a lying header: say so, not "another model"
     if not flux_files.is_flux_fill_transformer_file(files.path):
         raise ModelFileError("a FLUX.1 Fill transformer (image + mask input channels)", f"'{Path(files.path).name}'",
                              "This looks like another FLUX model; pick flux1-fill-dev.safetensors.")
     flux_files.require_file(files.clip_l, "clip_l", "text_encoders")
     flux_files.require_file(files.t5xxl, "t5xxl", "text_encoders")
     flux_files.require_file(files.vae, "vae", "vae")
+    for part in (files.clip_l, files.t5xxl, files.vae):
+        read_safetensors_header(part)  # a damaged part is named now, not by the library mid-load
     for tok, name in ((files.clip_tokenizer, "CLIP tokenizer"), (files.t5_tokenizer, "T5 tokenizer")):
         if not tok or not os.path.isdir(tok):
             raise ModelFileError(f"the {name} folder", f"'{tok}'", "ComfyUI ships both tokenizers; reinstall ComfyUI if they are missing.")
@@ -229,6 +234,7 @@ def inpaint(model: FluxFillModel, image: torch.Tensor, mask: torch.Tensor, promp
     progress = progress or NullProgress()
     image = check_image(image)
     mask = match_mask_to_images(image, check_mask(mask))
+    check_inputs({"guidance": float(guidance), "prompt": prompt or ""})  # NaN guidance would paint black
     if steps < 1:
         raise InputError("steps of at least 1", str(steps), "Set steps to 28 (FLUX Fill's usual value).")
     if not prompt or not prompt.strip():

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
 import re
 import zipfile
@@ -40,6 +41,7 @@ MANIFEST_FORMAT = "atelier-layers"
 EMU_PER_INCH = 914400
 PX_PER_INCH = 96  # python-pptx / PowerPoint / LibreOffice: 1 px = 9525 EMU at 100 %
 SLIDE_MIN_EMU, SLIDE_MAX_EMU = EMU_PER_INCH, 56 * EMU_PER_INCH  # PowerPoint's slide size limits (1 in … 56 in)
+MAX_NAME_BYTES = 200  # a prefix part; the counter and suffix must still fit the 255-byte file name limit
 MAX_ZIP_BYTES = 4 * 1024**3  # uncompressed, all members: refuse archives that would not fit a sane workstation
 MAX_SIDE = 30000  # PSD's own limit; PSB (larger) is not read
 MAX_STACK_BYTES = 8 * 1024**3  # layers × height × width × 4 bytes read into memory at once
@@ -171,6 +173,8 @@ def output_paths(output_dir: str | os.PathLike, prefix: str, names: list[str]) -
         bad = "it climbs out with '..'"
     elif raw.endswith("/"):
         bad = "it names a folder but no file name"
+    elif any(len(part.encode("utf-8")) > MAX_NAME_BYTES for part in raw.split("/")):
+        bad = f"a part of it is longer than {MAX_NAME_BYTES} bytes (file systems allow 255 per name)"
     if bad is None:
         folder = (root / raw).parent.resolve()
         if folder != root and root not in folder.parents:
@@ -312,6 +316,10 @@ def write_pptx(stack: LayerStack, path: str | os.PathLike) -> Path:
     Emu = _require("pptx.util", "python-pptx").Emu
 
     path = Path(path)
+    if max(stack.width, stack.height) * SLIDE_MIN_EMU > min(stack.width, stack.height) * SLIDE_MAX_EMU:
+        raise InputError(f"a canvas at most {SLIDE_MAX_EMU // SLIDE_MIN_EMU}:1 for a PPTX slide (PowerPoint's "
+                         "1–56 inch limits)", f"{stack.width}×{stack.height}",
+                         "Export this strip as psd, zip or png, or pad the layers to a wider canvas first.")
     emu = slide_scale(stack.width, stack.height)
     prs = Presentation()
     prs.slide_width, prs.slide_height = Emu(stack.width * emu), Emu(stack.height * emu)
@@ -413,13 +421,30 @@ def read_zip(path: str | os.PathLike) -> LayerStack:
                 width, height = arr.shape[1], arr.shape[0]
                 check_canvas(width, height, len(entries), path.name)
             canvas = np.zeros((height, width, 4), np.uint8)
-            left, top = (int(box["left"]), int(box["top"])) if isinstance(box, dict) and arr.shape[:2] != (
+            left, top = _bounds(box, member, path.name) if isinstance(box, dict) and arr.shape[:2] != (
                 height, width) else (0, 0)
             _paste(canvas, arr, left, top)
             canvas[canvas[..., 3] == 0, :3] = 0
             rgba.append(canvas)
             names.append(_clean_name(name))
     return LayerStack(np.stack(rgba), names)
+
+
+def _bounds(box: dict, member: str, archive: str) -> tuple[int, int]:
+    """(left, top) of a manifest entry's bounds, as whole pixels."""
+    out = []
+    for field in ("left", "top"):
+        value = box.get(field, 0)
+        try:
+            number = float(value)
+            if isinstance(value, bool) or not math.isfinite(number):
+                raise ValueError(value)
+        except (TypeError, ValueError):
+            raise InputError(f"bounds.{field} of '{member}' in manifest.json as a whole number of pixels",
+                             f"{json.dumps(value)[:40]} in '{archive}'",
+                             "Re-export the layers, or fix the number in manifest.json.") from None
+        out.append(int(number))
+    return out[0], out[1]
 
 
 def _natural_key(name: str):

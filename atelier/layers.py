@@ -347,21 +347,26 @@ def parse_order(text: str | None, count: int) -> list[int]:
             if "-" in part[1:]:
                 a, b = part.split("-", 1)
                 lo, hi = int(a), int(b)
+                for end in (lo, hi):  # before the range is built: '1-99999999999' would fill the memory
+                    if not 1 <= end <= count:
+                        raise InputError(f"order: layer numbers from 1 to {count}", f"{end} in {text!r}",
+                                         f"There are {count} layers; number them 1 (bottom) to {count} (top).")
                 picks = list(range(lo, hi + 1)) if lo <= hi else list(range(lo, hi - 1, -1))
             else:
                 picks = [int(part)]
         except ValueError:
-            raise InputError("layer numbers like '3,1,2' or '1-3' (1 = bottom layer)", repr(text),
+            raise InputError("order as layer numbers like '3,1,2' or '1-3' (1 = bottom layer)", repr(text),
                              "Use numbers separated by commas.") from None
         for p in picks:
             if not 1 <= p <= count:
-                raise InputError(f"layer numbers from 1 to {count}", f"{p} in {text!r}",
+                raise InputError(f"order: layer numbers from 1 to {count}", f"{p} in {text!r}",
                                  f"There are {count} layers; number them 1 (bottom) to {count} (top).")
             if p - 1 in out:
-                raise InputError("each layer at most once", f"{p} twice in {text!r}", "Remove the repeated number.")
+                raise InputError("order: each layer at most once", f"{p} twice in {text!r}",
+                                 "Remove the repeated number.")
             out.append(p - 1)
     if not out:
-        raise InputError("at least one layer number", repr(text), "Leave order empty to use every layer.")
+        raise InputError("order: at least one layer number", repr(text), "Leave order empty to use every layer.")
     return out
 
 

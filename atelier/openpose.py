@@ -106,8 +106,8 @@ def parse_frames(text: Any, name: str = "keypoints_in") -> list[dict]:
     if isinstance(text, str):
         try:
             data = json.loads(text)
-        except ValueError as e:
-            raise InputError(f"{name} as JSON: {_FORMAT}", f"text that is not JSON ({e})",
+        except (ValueError, RecursionError) as e:
+            raise InputError(f"{name} as JSON: {_FORMAT}", f"text that is not JSON ({type(e).__name__}: {e})",
                              "Connect the keypoints output of a pose node, or paste OpenPose JSON.") from e
     else:
         data = text

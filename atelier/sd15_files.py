@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelFileError
+from .errors import ModelFileError, describe_error
 from .flux_files import config_dir, read_safetensors_header
 
 log = logging.getLogger("atelier")
@@ -50,14 +50,19 @@ def facts(name: str) -> dict:
 def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` file, or of a ``.pth``/``.ckpt``/``.bin`` read with ``weights_only=True``."""
     path = str(path)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - safetensors/pickle errors are many: any of them is a file problem
+        name = os.path.basename(path)
+        raise ModelFileError(f"a readable checkpoint in '{name}'", f"'{name}' that cannot be read "
+                             f"({describe_error(e)})", "The file is damaged or incomplete; download it again.") from e
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
-    return state
+    return state  # nested groups kept (h94's IP-Adapter .bin: {"image_proj": {...}, "ip_adapter": {...}})
 
 
 def shapes(path: str | os.PathLike) -> dict[str, list[int]]:

@@ -351,6 +351,9 @@ def _load_json(text: Any, name: str, fmt: str) -> Any:
         raise InputError(f"{name} as JSON: {fmt}", f"text that is not valid JSON ({e.msg} at character {e.pos}: "
                                                    f"{_snippet(text)})",
                          "Check the brackets, commas and quotes (JSON needs double quotes), or leave it empty.") from e
+    except RecursionError:
+        raise InputError(f"{name} as JSON: {fmt}", "brackets nested too deep to read",
+                         "Write a flat list of points or boxes; nothing here nests deeper than two levels.") from None
 
 
 def _snippet(text: str, n: int = 60) -> str:

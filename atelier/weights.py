@@ -57,9 +57,16 @@ def _read_header(path: str, size: int, mtime: int) -> dict[str, dict]:
             if n <= 0 or n > 100_000_000 or n > size:
                 raise ValueError("bad header length")
             header = json.loads(f.read(n))
-        ends = [int(m["data_offsets"][1]) for k, m in header.items() if k != "__metadata__"]
+        spans = sorted((int(m["data_offsets"][0]), int(m["data_offsets"][1]), k) for k, m in header.items()
+                       if k != "__metadata__")
+        ends = [end for _, end, _ in spans]
         if 8 + n + max(ends, default=0) > size:
             raise ValueError(f"tensor data ends at byte {8 + n + max(ends)} but the file has {size}")
+        at = 0
+        for start, end, key in spans:  # what safetensors itself requires: tensors back to back, none overlapping
+            if start != at or end < start:
+                raise ValueError(f"the header's offsets for '{key}' ({start}–{end}) overlap or leave a gap")
+            at = end
     except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, struct.error) as e:
         raise ModelFileError("a .safetensors file", f"'{path}' that cannot be read ({e})",
                              "Re-download the file; partial downloads are the usual cause.") from e

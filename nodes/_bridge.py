@@ -5,6 +5,7 @@ Every other node module stays thin: it converts ComfyUI values with the helpers 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from contextlib import contextmanager
@@ -17,7 +18,7 @@ import torch
 from comfy.model_patcher import ModelPatcher
 from comfy_api.latest import io
 
-from ..atelier import flux_files, folders
+from ..atelier import flux_files, folders, guards
 from ..atelier.errors import ModelFileError
 from ..atelier.memory import free_cuda_bytes
 from ..atelier.registry import REGISTRY
@@ -282,6 +283,46 @@ def acquire(stage: Stage, handle):
     if patcher is not None:
         mm.load_models_gpu([patcher])  # marks it in use; frees others if VRAM is short
     return entry
+
+
+def guard(node_class: type) -> type:
+    """Wrap a node's ``execute`` in the checks and translations every node shares (:mod:`atelier.guards`): inputs
+    no model can use are refused with an InputError naming them; out-of-memory and other library failures that
+    escape a stage become Atelier errors with the fix (after an OOM, ComfyUI's models and ours are unloaded, as
+    core does for its own OOMs). Idempotent."""
+    if node_class.__dict__.get("_atelier_guarded"):
+        return node_class
+    run = node_class.__dict__["execute"].__func__
+    name = node_class.__name__
+
+    @functools.wraps(run)
+    def execute(cls, *args, **kwargs):
+        guards.check_inputs(kwargs)
+        guards.check_choices(kwargs, combo_options(node_class))
+        try:
+            return run(cls, *args, **kwargs)
+        except Exception as e:
+            err = guards.translate(name, kwargs, e)
+            if err is None:
+                raise
+            if not (isinstance(e, MemoryError) or guards.is_out_of_gpu_memory(e)):
+                raise err from e
+            log.error("Atelier: %s ran out of memory (%s); unloading models", name, e)
+        # outside the except block: the traceback (and the tensors its frames hold) is gone before we free
+        mm.unload_all_models()
+        REGISTRY.release_all()
+        mm.soft_empty_cache()
+        raise err
+
+    node_class.execute = classmethod(execute)
+    node_class._atelier_guarded = True
+    return node_class
+
+
+def combo_options(node_class: type) -> dict:
+    """{input: options} of a node's combo inputs, as its schema lists them now (file lists are current)."""
+    return {i.id: list(i.options) for i in node_class.define_schema().inputs
+            if isinstance(i, io.Combo.Input) and getattr(i, "options", None)}
 
 
 def load_stage(stage: Stage, spec):
