@@ -85,9 +85,12 @@ else:
                 module = import_stage(stage)
                 if module is not None:
                     nodes.extend(module.NODES)
-            if nodes:  # every node's execute behind the shared input checks and error translations
-                guard = importlib.import_module(".nodes._bridge", __name__).guard
-                nodes = [guard(n) for n in nodes]
+            # every node's execute behind the shared input checks and error translations (nodes/_bridge.py: every
+            # stage imports it, so when a stage loaded it loads too)
+            bridge = import_stage("_bridge") if nodes and os.path.isfile(os.path.join(HERE, "nodes", "_bridge.py")) \
+                else None
+            if bridge is not None:
+                nodes = [bridge.guard(n) for n in nodes]
             return nodes
 
     async def comfy_entrypoint() -> ComfyExtension:

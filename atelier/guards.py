@@ -42,7 +42,7 @@ def check_inputs(inputs: Mapping[str, Any]) -> None:
 # combo inputs that list model files: the loaders resolve these themselves (inside their models/ folder) and say
 # what they found there ("no such file", "a FluxPipeline folder"), which teaches more than the list would
 FILE_CHOICES = frozenset({"model", "clip_l", "t5xxl", "vae", "controlnet", "ip_adapter", "clip_vision", "fast_lora",
-                          "base"})
+                          "base", "lora", "redux", "siglip"})
 
 
 def check_choices(inputs: Mapping[str, Any], options: Mapping[str, Any]) -> None:

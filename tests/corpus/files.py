@@ -81,6 +81,8 @@ def write_all(base: Path, tiny_flux: dict) -> None:
         "loras/corrupt_lora.safetensors": TEXT,
         "ipadapter/corrupt_ip.bin": TEXT,
         "controlnet/corrupt_cn.safetensors": TEXT,
+        "checkpoints/corrupt_tryon.safetensors": TEXT,
+        "style_models/corrupt_redux.safetensors": TEXT,
         "depth/broken-depth/config.json": b"{not json",
         "depth/broken-depth/model.safetensors": b"",
         "LLM/broken-vlm/config.json": b'{"model_type": "qwen2_5_vl", "vision_config": 5}',

@@ -221,6 +221,47 @@ def animate(c, pose_image=(64, 64, 1), reference=(48, 64, 1), loader=None, **kw)
     return g.nodes
 
 
+TRYON_LORA = "tryon_kohya_tiny.safetensors"  # tests/harness/tiny_sdxl.py's kohya LoRA, placed with the try-on models
+TRYON_LOADER = dict(controlnet="none", ip_adapter="none", clip_vision="auto", quantization="none", offload="auto",
+                    attention_slicing=False, vae_slicing=False, vae_tiling=False, dtype="auto")
+
+
+def tryon(c, person=(64, 64, 1), garment=(40, 48, 1), mask=(1.0, 64, 64, 1), depth=None, loader=None, lora=None,
+          **kw):
+    g = G()
+    pipe = g.add("AtelierTryOnLoader", **merge({**TRYON_LOADER, "model": c["AtelierTryOnLoader"]}, loader or {}))
+    if lora is not None:
+        pipe = g.add("AtelierLoRA", pipe=[pipe, 0], **merge(dict(lora=TRYON_LORA, strength=1.0), lora))
+    extra = {"depth": _source(g, depth)} if depth is not None else {}
+    out = g.add("AtelierTryOn", pipe=[pipe, 0], person=_source(g, person), garment=_source(g, garment),
+                mask=_source(g, mask, "mask"), **extra,
+                **merge(dict(prompt="a red shirt", negative_prompt="", ip_adapter_scale=0.8, controlnet_scale=0.6,
+                             strength=0.99, steps=2, guidance=7.0, seed=0, composite_back=True), kw))
+    g.preview([out, 0])
+    return g.nodes
+
+
+def lora_sdxl(c, **kw):
+    return tryon(c, lora=kw)
+
+
+def flux_tryon(c, person=(32, 32, 1), garment=(24, 32, 1), mask=(1.0, 32, 32, 1), redux=None, **kw):
+    g = G()
+    pipe = g.add("AtelierFluxFillLoader", **merge({**FLUX_LOADER, "model": c["AtelierFluxFillLoader"]}, {}))
+    extra = {}
+    if redux is not None:
+        extra["redux"] = [g.add("AtelierReduxLoader", **merge(dict(redux="none", siglip="auto", dtype="auto"), redux)), 0]
+    out = g.add("AtelierFluxTryOn", pipe=[pipe, 0], person=_source(g, person), garment=_source(g, garment),
+                mask=_source(g, mask, "mask"), **extra,
+                **merge(dict(prompt="a red shirt", steps=1, guidance=30.0, seed=0, height=32, margin=0.15), kw))
+    g.preview([out, 0])
+    return g.nodes
+
+
+def redux_loader(c, **kw):
+    return flux_tryon(c, redux=kw)
+
+
 # ------------------------------------------------------------------------------------------------ the table
 # (node, case id, builder, overrides, expected, text the message must contain or None)
 
@@ -493,6 +534,41 @@ ROWS = [
     ("AtelierAnimateCharacter", "controlnet_text", animate, dict(loader=dict(controlnet="corrupt_cn.safetensors")),
      ERROR, "corrupt_cn"),
     ("AtelierAnimateCharacter", "model_dotdot", animate, dict(loader=dict(model="../../x.safetensors")), ERROR, None),
+    # --- Try-on (SDXL), its LoRA node, the FLUX try-on and the Redux loader
+    ("AtelierTryOn", "good", tryon, {}, OK, None),
+    ("AtelierTryOn", "empty_mask", tryon, dict(mask=(0.0, 64, 64, 1)), ERROR, "mask"),
+    ("AtelierTryOn", "mask_other_size", tryon, dict(mask=(1.0, 32, 48, 1)), ERROR, "mask"),
+    ("AtelierTryOn", "two_garments_one_person", tryon, dict(garment=(40, 48, 2)), ERROR, "garment"),
+    ("AtelierTryOn", "three_depths_two_people", tryon, dict(person=(64, 64, 2), mask=(1.0, 64, 64, 2),
+                                                          depth=(64, 64, 3)), ERROR, "depth"),
+    ("AtelierTryOn", "steps_0", tryon, dict(steps=0), REJECT, None),
+    ("AtelierTryOn", "strength_nan", tryon, dict(strength=NAN), ERROR, "strength"),
+    ("AtelierTryOn", "prompt_korean_emoji", tryon, dict(prompt=KOREAN + " " + EMOJI), OK, None),
+    ("AtelierTryOn", "negative_100k", tryon, dict(negative_prompt=HUGE), OK, None),
+    ("AtelierTryOn", "prompt_surrogate", tryon, dict(prompt=SURROGATE), ERROR, "prompt"),
+    ("AtelierTryOn", "odd_size_person", tryon, dict(person=(37, 53, 1), mask=(1.0, 37, 53, 1)), OK, None),
+    ("AtelierTryOn", "model_text", tryon, dict(loader=dict(model="checkpoints/corrupt_tryon.safetensors")), ERROR,
+     "corrupt_tryon"),
+    ("AtelierTryOn", "controlnet_text", tryon, dict(loader=dict(controlnet="corrupt_cn.safetensors")), ERROR,
+     "corrupt_cn"),
+    ("AtelierTryOn", "ip_adapter_text", tryon, dict(loader=dict(ip_adapter="corrupt_ip.bin")), ERROR, "corrupt_ip"),
+    ("AtelierTryOn", "offload_tpu", tryon, dict(loader=dict(offload="tpu")), ERROR, "offload"),
+    ("AtelierTryOn", "model_dotdot", tryon, dict(loader=dict(model="../../x.safetensors")), ERROR, None),
+    ("AtelierLoRA", "good", lora_sdxl, {}, OK, None),
+    ("AtelierLoRA", "lora_text", lora_sdxl, dict(lora="corrupt_lora.safetensors"), ERROR, "corrupt_lora"),
+    ("AtelierLoRA", "strength_nan", lora_sdxl, dict(strength=NAN), ERROR, "strength"),
+    ("AtelierLoRA", "no_such_lora", lora_sdxl, dict(lora="gone.safetensors"), ERROR, "gone.safetensors"),
+    ("AtelierFluxTryOn", "good", flux_tryon, {}, OK, None),
+    ("AtelierFluxTryOn", "empty_mask", flux_tryon, dict(mask=(0.0, 32, 32, 1)), ERROR, "mask"),
+    ("AtelierFluxTryOn", "height_15", flux_tryon, dict(height=15), REJECT, None),
+    ("AtelierFluxTryOn", "margin_nan", flux_tryon, dict(margin=NAN), ERROR, "margin"),
+    ("AtelierFluxTryOn", "1x1_garment", flux_tryon, dict(garment=(1, 1, 1)), OK, None),
+    ("AtelierFluxTryOn", "prompt_korean_emoji", flux_tryon, dict(prompt=KOREAN + " " + EMOJI), OK, None),
+    ("AtelierReduxLoader", "good", flux_tryon, {}, OK, None),  # its group's health row: the try-on without Redux
+    # no SigLIP in this server's clip_vision: the loader names what is missing before it reads the Redux file
+    ("AtelierReduxLoader", "redux_text_no_siglip", redux_loader, dict(redux="corrupt_redux.safetensors"), ERROR,
+     "SigLIP"),
+    ("AtelierReduxLoader", "redux_none", redux_loader, {}, ERROR, "redux"),
 ]
 
 # after each node's group: the server answers and the group's good prompt runs again (another seed where it has one)
@@ -520,7 +596,7 @@ def test_corpus_size_and_coverage(object_info_nodes):
     covered = {r[0] for r in ROWS}
     # every Atelier node is in the corpus: directly, or as the loader/feeder of a node that is
     feeders = {"AtelierFluxFillLoader", "AtelierVLMLoader", "AtelierBackgroundRemoverLoader", "AtelierSAM2Loader",
-               "AtelierLayeredLoader", "AtelierFastComposerLoader", "AtelierCharacterLoader"}
+               "AtelierLayeredLoader", "AtelierFastComposerLoader", "AtelierCharacterLoader", "AtelierTryOnLoader"}
     missing = sorted(n for n in object_info_nodes if n.startswith("Atelier") and n not in covered | feeders)
     assert not missing, f"nodes without corpus cases: {missing}"
 
