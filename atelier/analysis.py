@@ -67,9 +67,10 @@ def clean_reply(text: str) -> str:
     return t
 
 
-def _close_truncated(s: str) -> str:
-    """Close the strings, arrays and objects a reply cut off at max_new_tokens left open."""
-    stack, in_str, esc, opened = [], False, False, 0
+def json_brackets(s: str) -> tuple[list[tuple[int, str]], int | None]:
+    """The brackets of ``s`` outside JSON strings as (index, char), and where a string left open starts (None when
+    every string closes). Shared by the reply repair below and the input guards' nesting check."""
+    found, in_str, esc, opened = [], False, False, 0
     for i, ch in enumerate(s):
         if in_str:
             if esc:
@@ -80,12 +81,22 @@ def _close_truncated(s: str) -> str:
                 in_str = False
         elif ch == '"':
             in_str, opened = True, i
-        elif ch in "{[":
+        elif ch in "{[]}":
+            found.append((i, ch))
+    return found, (opened if in_str else None)
+
+
+def _close_truncated(s: str) -> str:
+    """Close the strings, arrays and objects a reply cut off at max_new_tokens left open."""
+    brackets, open_string = json_brackets(s)
+    stack = []
+    for _, ch in brackets:
+        if ch in "{[":
             stack.append("}" if ch == "{" else "]")
-        elif ch in "}]" and stack:
+        elif stack:
             stack.pop()
-    if in_str:
-        s = s[:opened]  # a value cut mid-word is not worth keeping
+    if open_string is not None:
+        s = s[:open_string]  # a value cut mid-word is not worth keeping
     s = s.rstrip()
     while True:
         before = s

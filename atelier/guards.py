@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
+from .analysis import json_brackets
 from .errors import AtelierError, InputError, SettingError, describe_error
 
 MAX_NESTING = 64  # JSON inputs (points, boxes, keypoints, keyframes) are 2–4 levels deep
@@ -74,21 +75,11 @@ def check_text(name: str, text: str) -> None:
 def nesting_depth(text: str) -> int:
     """The deepest bracket nesting outside JSON strings."""
     depth = best = 0
-    in_string = escaped = False
-    for ch in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "[{":
+    for _, ch in json_brackets(text)[0]:
+        if ch in "[{":
             depth += 1
             best = max(best, depth)
-        elif ch in "]}":
+        else:
             depth = max(0, depth - 1)
     return best
 
