@@ -31,7 +31,8 @@ API_FILES = sorted(API_DIR.glob("*.json"))
 # Nodes that live only in the frontend: never in the API format, never in /object_info.
 FRONTEND_ONLY = {"Note", "MarkdownNote"}
 CONTROL_VALUES = {"fixed", "randomize", "increment", "decrement"}
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+# COMFY_DYNAMICCOMBO_V3: a combo whose option brings its own inputs (ComfyUI 0.30's Save Video `codec`); a widget
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", "COMFY_DYNAMICCOMBO_V3"}
 UPLOAD_FLAGS = ("image_upload", "video_upload", "audio_upload", "animated_image_upload", "upload")
 UI_KEYS = {"id", "revision", "last_node_id", "last_link_id", "nodes", "links", "groups", "config", "extra",
            "version"}
