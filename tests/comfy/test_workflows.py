@@ -31,7 +31,8 @@ API_FILES = sorted(API_DIR.glob("*.json"))
 # Nodes that live only in the frontend: never in the API format, never in /object_info.
 FRONTEND_ONLY = {"Note", "MarkdownNote"}
 CONTROL_VALUES = {"fixed", "randomize", "increment", "decrement"}
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+# COMFY_DYNAMICCOMBO_V3: a combo whose option brings its own inputs (ComfyUI 0.30's Save Video `codec`); a widget
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", "COMFY_DYNAMICCOMBO_V3"}
 UPLOAD_FLAGS = ("image_upload", "video_upload", "audio_upload", "animated_image_upload", "upload")
 UI_KEYS = {"id", "revision", "last_node_id", "last_link_id", "nodes", "links", "groups", "config", "extra",
            "version"}
@@ -308,12 +309,9 @@ def test_flux_fill_inpaint_runs(client, tiny_flux):
 def test_tryon_workflows_run(client, tiny_flux, comfy_base, name):
     """The try-on twins on the tiny models, with the artist's edits of tests/harness/workflow_inputs.py: the person
     picture comes back exact outside the painted (transparent) area."""
-    from tests.harness import tiny_sdxl, workflow_inputs
+    from tests.harness import workflow_inputs
 
-    world = tiny_sdxl.build_world(comfy_base / "models")
-    plus = comfy_base / "models" / "ipadapter" / workflow_inputs.TRYON_IP_ADAPTER
-    if not plus.exists():
-        plus.symlink_to(world["ip_plus"])
+    workflow_inputs.place_tryon_models(comfy_base / "models")  # tryon_flux's Redux Loader reads the tiny Redux
     choices = {"AtelierTryOnLoader": workflow_inputs.TRYON_CHOICE, "AtelierFluxFillLoader": tiny_flux["choice_diffusers"]}
     api = load_api_workflow(API_DIR / name)
     files = workflow_inputs.input_files()

@@ -14,9 +14,13 @@ Typical use (``page`` from :func:`open_app`, or the ``page`` fixture)::
     entry = wait_done(page, prompt_id)                                      # /history says success or error
     assert not log_of(page).problems()                                      # no console errors, page errors, 404s
 
-What the frontend (1.32.9) reports on its own, and where these helpers look for it:
+What the frontend (1.32.9 with ComfyUI 0.3.75, 1.47.12 with 0.30.0) reports on its own, and where these helpers
+look for it:
 
-* missing node types: a "missing nodes" dialog (``dialogs``) and nodes flagged ``has_errors`` (``missing_node_types``);
+* missing node types: a "missing nodes" dialog (1.32) or the error overlay under the action bar (1.47), both in
+  ``dialogs``; a placeholder node of an unregistered type, drawn red (``missing_node_types``);
+* model files the server does not list (1.47 only): nodes drawn red, the error overlay, its missingModel store
+  (``missing_models``); picking a file that exists clears them (``set_widget``);
 * workflow schema / link problems: warning and error toasts (``dialogs`` lists toasts too);
 * widget values: applied **positionally and silently**; the frontend never complains about a value too many, a
   value too few or a value in the wrong slot. ``widgets(page)`` returns what each node's widgets hold, and
@@ -69,9 +73,11 @@ KNOWN_FRONTEND_ERRORS = {
     r"TypeError: Cannot read properties of undefined \(reading 'id'\)\n\s+at onChange \(":
         "frontend 1.32.9, on every page load: useRenderModeSetting writes LiteGraph.Canvas.MinFontSizeForLOD "
         "before the core settings are registered (settingStore.set -> onChange(undefined))",
-    r"NotFoundError: Failed to execute 'removeChild' on 'Node'.*\n\s+at Proxy\.removeMask \([^)]*primevue/blockui/":
-        "frontend 1.32.9 / PrimeVue BlockUI, now and then on a drop: the app's full-screen loading mask (App.vue, "
-        "blocked while a dropped file loads) is removed twice when loading ends within its enter animation",
+    r"NotFoundError: Failed to execute 'removeChild' on 'Node'.*\n\s+at Proxy\.removeMask "
+    r"\([^)]*(primevue/blockui/|/vendor-primevue-)":
+        "frontend 1.32.9 and 1.47.12 / PrimeVue BlockUI, now and then on a drop: the app's full-screen loading mask "
+        "(App.vue, blocked while a dropped file loads) is removed twice when loading ends within its enter "
+        "animation; 1.47 leaves a mask over the page then (settle_loading_mask removes that left-over)",
     r"\[ComfyUI\] The legacy queue/history menu is deprecated":
         "frontend 1.47.12 (ComfyUI 0.30.0), twice on every page load with no custom node at all: the legacy "
         "ComfyUI menu object still builds its queue and history ComfyList, whose constructor warns",
@@ -298,8 +304,36 @@ def load_workflow(page, wf: str | Path | dict, name: str | None = None, timeout:
                               "nodes: window.app.graph.nodes.length})")
         raise AssertionError(f"dropping {fname}: expected the tab {stem!r} with {want} nodes within {timeout:.0f} s, "
                              f"got {state}; dialogs: {dialogs(page)}; page problems: {log_of(page).problems()}") from e
+    settle_loading_mask(page)
     page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
     return doc
+
+
+def settle_loading_mask(page, timeout: float = 30, leave_s: float = 2) -> int:
+    """Wait until the app's full-screen loading mask is gone; returns how many stale masks had to be removed.
+
+    The app (App.vue) covers the page with PrimeVue's BlockUI (full screen) while its spinner is on, e.g. while a
+    dropped file loads. A known frontend bug (KNOWN_FRONTEND_ERRORS, the 'removeMask' entry): when the load ends
+    within the mask's enter animation, BlockUI's removal runs twice and throws (NotFoundError on removeChild); on
+    frontend 1.47 a mask is then left in the DOM for good, in its leave state, over the whole page, taking every
+    click. A mask still there `leave_s` seconds after the spinner went off and still marked leaving (its fade-out
+    lasts a fraction of a second) is that bug's left-over, not the app being busy: it is removed, and logged. Any
+    other mask is left alone (a click it blocks fails with the reason)."""
+    page.wait_for_function("() => !window.app.extensionManager?.spinner", timeout=timeout * 1000)
+    try:
+        page.wait_for_function("() => !document.querySelector('.p-blockui-mask')", timeout=leave_s * 1000)
+        return 0
+    except Exception:  # Playwright's TimeoutError
+        pass
+    removed = page.evaluate("""() => {
+      if (window.app.extensionManager?.spinner) return 0;  // loading again: a live mask
+      const stale = [...document.querySelectorAll('.p-blockui-mask.p-overlay-mask-leave')];
+      stale.forEach(m => m.remove());
+      return stale.length;
+    }""")
+    if removed:
+        log.warning("removed %d stale loading mask(s) left by the frontend's BlockUI removeMask bug", removed)
+    return removed
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -307,29 +341,77 @@ def load_workflow(page, wf: str | Path | dict, name: str | None = None, timeout:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def dialogs(page) -> list:
-    """Open dialogs and visible toasts as "kind: text" strings (the missing-nodes dialog, error dialogs,
-    validation toasts, ...). Empty when the frontend has nothing to say."""
-    return page.evaluate("""() => {
-      const seen = [];
-      for (const d of document.querySelectorAll('.p-dialog')) {
+# The app's Pinia stores (1.47's error bookkeeping lives there and nowhere else in a structured form).
+_STORES = "document.querySelector('#vue-app')?.__vue_app__?.config.globalProperties.$pinia?._s"
+
+
+def dialogs(page, except_missing_models: bool = False) -> list:
+    """Open dialogs, visible toasts and the error overlay as "kind: text" strings (the missing-nodes dialog, error
+    dialogs, validation toasts, ...). Empty when the frontend has nothing to say.
+
+    Dialogs: PrimeVue's (``.p-dialog``, frontend 1.32) and any other ``role=dialog`` (1.47's templates browser is a
+    reka-ui dialog). Frontend 1.47 reports a workflow's missing nodes and missing model files in an error overlay
+    under the action bar (``data-testid=error-overlay``) instead of a dialog: listed as "error overlay: ...". With
+    `except_missing_models` the overlay is left out when every error it counts is a missing model file (see
+    :func:`missing_models`: the caller judges those itself)."""
+    return page.evaluate("""(exceptModels) => {
+      const seen = [], text = e => e.innerText.trim().replace(/\\s+/g, ' ').slice(0, 800);
+      for (const d of document.querySelectorAll('.p-dialog, [role=dialog]')) {
+        if (d.parentElement?.closest('.p-dialog, [role=dialog]')) continue;  // inside one listed already
         if (d.offsetParent === null && getComputedStyle(d).position !== 'fixed') continue;
-        seen.push('dialog: ' + d.innerText.trim().replace(/\\s+/g, ' ').slice(0, 800));
+        seen.push('dialog: ' + text(d));
       }
       for (const t of document.querySelectorAll('.p-toast-message')) {
         const sev = [...t.classList].find(c => c.startsWith('p-toast-message-') && c !== 'p-toast-message-content');
-        seen.push('toast ' + (sev || '').replace('p-toast-message-', '') + ': '
-                  + t.innerText.trim().replace(/\\s+/g, ' ').slice(0, 800));
+        seen.push('toast ' + (sev || '').replace('p-toast-message-', '') + ': ' + text(t));
+      }
+      const overlay = document.querySelector('[data-testid=error-overlay]');
+      if (overlay && overlay.checkVisibility()) {
+        const s = STORES, errors = s?.get('executionError'), models = s?.get('missingModel');
+        const onlyModels = errors && models && models.missingModelCount > 0 &&
+                           errors.totalErrorCount === models.missingModelCount;
+        if (!(exceptModels && onlyModels)) seen.push('error overlay: ' + text(overlay));
       }
       return seen;
-    }""")
+    }""".replace("STORES", _STORES), except_missing_models)
+
+
+def dismiss(page, timeout: float = 10) -> None:
+    """Close what :func:`dialogs` lists, as the artist does: Escape for a dialog, the close button of frontend
+    1.47's error overlay; waits until they are gone."""
+    if page.locator(".p-dialog, [role=dialog]").count():
+        page.keyboard.press("Escape")
+    close = page.locator("[data-testid=error-overlay-dismiss]")
+    if close.count() and close.first.is_visible():
+        close.first.click()
+    page.wait_for_function("() => !document.querySelector('.p-dialog, [role=dialog], [data-testid=error-overlay]')",
+                           timeout=timeout * 1000)
 
 
 def missing_node_types(page) -> list:
-    """Node types of the loaded graph that the frontend does not know (drawn red, has_errors)."""
+    """Node types of the loaded graph that the frontend does not know (it builds a placeholder node, drawn red).
+
+    Judged by the registry (LiteGraph.registered_node_types), not by ``node.has_errors``: frontend 1.32 sets that
+    flag for unknown types only, 1.47 also for a known node whose model combo names a file the server does not
+    list (:func:`missing_models`)."""
     return page.evaluate("""() => window.app.graph.nodes
-        .filter(n => n.has_errors || !(n.type in LiteGraph.registered_node_types))
+        .filter(n => !(n.type in LiteGraph.registered_node_types))
         .map(n => n.type)""")
+
+
+def missing_models(page) -> list | None:
+    """The model files the frontend itself reports missing after a load, as (node id, widget name, value) sorted;
+    None where the frontend has no such check (1.32: it only warns about a workflow's ``models`` download list).
+
+    Frontend 1.47 checks combos that name model files against the server's lists on load, draws those nodes red,
+    opens the error overlay and keeps the list in its ``missingModel`` store; an artist picking a file that exists
+    (:func:`set_widget`) clears the entry."""
+    return page.evaluate("""() => {
+      const s = STORES, m = s?.get('missingModel');
+      if (!m) return null;
+      return (m.missingModelCandidates || []).filter(c => c.isMissing !== false)
+        .map(c => [String(c.nodeId), c.widgetName, c.name]).sort();
+    }""".replace("STORES", _STORES))
 
 
 def widgets(page) -> dict:
@@ -362,7 +444,9 @@ def graph_to_prompt(page) -> dict:
 
 
 def set_widget(page, node_id: int | str, name: str, value: Any) -> None:
-    """Set a widget as the artist does (value, then the widget's callback); a combo value must be an option."""
+    """Set a widget as the artist does (the widget's setValue: value, callback, then the node's onWidgetChanged,
+    where frontend 1.47 clears the node's errors, a missing model file among them); a combo value must be an
+    option."""
     err = page.evaluate("""([id, name, value]) => {
       const node = window.app.graph.getNodeById(Number(id));
       if (!node) return `no node ${id}`;
@@ -370,8 +454,12 @@ def set_widget(page, node_id: int | str, name: str, value: Any) -> None:
       if (!w) return `${node.type} #${id} has no widget ${name}; widgets: ${(node.widgets || []).map(w => w.name)}`;
       if (Array.isArray(w.options?.values) && !w.options.values.includes(value))
         return `${node.type}.${name}: ${JSON.stringify(value)} is not an option; options: ${JSON.stringify(w.options.values)}`;
-      w.value = value;
-      w.callback?.(value, window.app.canvas, node);
+      if (typeof w.setValue === 'function')  // what the canvas does on a click: callback, then node.onWidgetChanged
+        w.setValue(value, {e: undefined, node, canvas: window.app.canvas});
+      else {
+        w.value = value;
+        w.callback?.(value, window.app.canvas, node);
+      }
       window.app.graph.setDirtyCanvas(true, true);
       return null;
     }""", [str(node_id), name, value])
@@ -403,6 +491,7 @@ def queue(page, timeout: float = 30) -> str:
     group = page.get_by_test_id("queue-button")
     button = group.get_by_role("button", name="Run", exact=True).or_(
         page.locator('button[data-testid="queue-button"]')).first
+    settle_loading_mask(page)
     try:
         with page.expect_response(lambda r: r.url.endswith("/api/prompt") and r.request.method == "POST",
                                   timeout=timeout * 1000) as info:
@@ -583,7 +672,8 @@ def screenshot_canvas(page, path: str | Path, fit: bool = True, focus: bool = Tr
 # --------------------------------------------------------------------------------------------------------------
 
 FRONTEND_ONLY_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
-WIDGET_KINDS = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+# COMFY_DYNAMICCOMBO_V3: a combo whose option brings its own inputs (ComfyUI 0.30's Save Video `codec`)
+WIDGET_KINDS = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", "COMFY_DYNAMICCOMBO_V3"}
 
 
 def schema_widget_names(info: dict) -> list:
@@ -602,12 +692,52 @@ def schema_widget_names(info: dict) -> list:
     return names
 
 
+def _optional_widget_defaults(info: dict) -> dict:
+    """{name: schema default} of the optional widget inputs of a node type (those with a default)."""
+    specs = (info.get("input") or {}).get("optional") or {}
+    out = {}
+    for name in schema_widget_names(info):
+        spec = specs.get(name)
+        opts = spec[1] if spec is not None and len(spec) > 1 and isinstance(spec[1], dict) else {}
+        if spec is not None and "default" in opts:
+            out[name] = opts["default"]
+    return out
+
+
+def newer_inputs_at_default(saved: list, now: list, info: dict) -> bool:
+    """True when `now` is `saved` plus trailing values that are the defaults of optional widget inputs: what the
+    frontend makes of a file saved before the server's node gained those inputs (ComfyUI 0.30's Create Video
+    `bit_depth`; new inputs go last). The node behaves as when the file was saved: absent optional inputs are their
+    defaults."""
+    if not (isinstance(saved, list) and isinstance(now, list)) or len(now) <= len(saved) or now[:len(saved)] != saved:
+        return False
+    names = schema_widget_names(info)
+    added = names[len(names) - (len(now) - len(saved)):] if len(now) - len(saved) <= len(names) else None
+    defaults = _optional_widget_defaults(info)
+    return bool(added) and all(n in defaults and defaults[n] == v for n, v in zip(added, now[len(saved):]))
+
+
+def with_newer_inputs(prompt: dict, object_info: dict) -> dict:
+    """An API prompt plus, per node, the optional widget inputs its type has now and the prompt lacks, at their
+    defaults: what the frontend queues for a twin written before the server's node gained them (see
+    :func:`newer_inputs_at_default`). Unchanged where the twin was written against this server's schema."""
+    import copy
+
+    out = copy.deepcopy(prompt)
+    for node in out.values():
+        info = object_info.get(node["class_type"]) or {}
+        for name, default in _optional_widget_defaults(info).items():
+            node["inputs"].setdefault(name, default)
+    return out
+
+
 def widget_problems(doc: dict, nodes: dict, object_info: dict) -> list:
     """What went wrong between a workflow file and the graph the frontend built from it (`nodes` = widgets(page)).
 
     Checked per node: the type is known and the same; what the frontend would save again (widgets_values) is
     exactly what the file holds (nothing dropped, shifted or coerced: the frontend applies them positionally and
-    never complains); every widget input of the node's schema has its widget; numbers are inside the widget's
+    never complains), or that plus trailing optional inputs the server's node gained since, at their defaults
+    (:func:`newer_inputs_at_default`); every widget input of the node's schema has its widget; numbers are inside the widget's
     min/max; every input slot of the file exists under the same name and holds the same link; outputs keep their
     names; no input slot that the schema does not have (the frontend keeps a renamed input's link on a dead slot
     and queues it under the old name); every required socket connected. Combo values that are not among the
@@ -624,11 +754,12 @@ def widget_problems(doc: dict, nodes: dict, object_info: dict) -> list:
         if fe["type"] != n["type"]:
             problems.append(f"{where}: the frontend made it a {fe['type']}")
         want = n.get("widgets_values")
-        if want is not None and fe["widgets_values"] != want:
+        info = object_info.get(n["type"])
+        if want is not None and fe["widgets_values"] != want and not (
+                info and newer_inputs_at_default(want, fe["widgets_values"], info)):
             problems.append(f"{where}: widgets_values {want} come back as {fe['widgets_values']} "
                             f"(widgets: {[w['name'] for w in fe['widgets'] if w['serialize']]})")
         have = {w["name"]: w for w in fe["widgets"]}
-        info = object_info.get(n["type"])
         if info is None and n["type"] not in FRONTEND_ONLY_NODES:
             problems.append(f"{where}: the server does not know this node type")
         for name in schema_widget_names(info) if info else []:

@@ -254,7 +254,11 @@ def sd15_checkpoint(path: Path) -> Path:
 
 
 IP_ADAPTER = "ip-adapter_sdxl_vit-h-tiny"
-CLIP_VISION_FILE = "CLIP-ViT-H-14-laion2B-s32B-b79K-tiny.safetensors"
+# Not a ViT-H name: the tiny SD1.5 character world (tests/harness/tiny_character.py) puts its own ViT-H-named
+# encoders, of another width, in the same models/clip_vision of the shared test server. The character loader's
+# `auto` picks an encoder by name (ViT-H), the try-on loader's by fit (the first whose width the adapter reads):
+# with this name each world's `auto` lands on its own encoder, whatever order the server lists the files in.
+CLIP_VISION_FILE = "tryon-sdxl-image-encoder-tiny.safetensors"
 
 
 def build_world(root: Path) -> dict[str, Path]:
@@ -295,7 +299,9 @@ def build_world(root: Path) -> dict[str, Path]:
     export_controlnet_file(paths["controlnet_folder"], paths["controlnet_file"])
     h94 = paths["h94"]
     clip = build_clip_vision(paths["clip_vision"], h94 / "models" / "image_encoder")
-    build_clip_vision(paths["clip_vision_other"], root / "work" / "other_encoder", seed=6, projection_dim=20)
+    # other widths on both features (projection for plain adapters, hidden for Plus): `auto` never takes it
+    build_clip_vision(paths["clip_vision_other"], root / "work" / "other_encoder", seed=6, projection_dim=20,
+                      hidden_size=40)
     unet = UNet2DConditionModel.from_pretrained(paths["folder"], subfolder="unet")
     plain = ip_adapter_state(unet, clip.config)
     for key in ("ip_safetensors", "ip_bin"):

@@ -69,6 +69,27 @@ def place_pose_models(models_root: Path) -> None:
 
 TRYON_CHOICE = "checkpoints/sdxl_inpaint_tiny.safetensors"
 TRYON_IP_ADAPTER = "ip-adapter-plus_sdxl_vit-h.safetensors"  # the workflow's own choice: a tiny one under that name
+REDUX_FILE = "flux1-redux-dev.safetensors"  # tryon_flux's FLUX Redux Loader: the tiny Redux under that name
+
+
+def place_tryon_models(models_root: Path) -> dict:
+    """The try-on workflows' models in a ComfyUI models/ tree (idempotent): the tiny SDXL world
+    (tests/harness/tiny_sdxl.py) with its IP-Adapter Plus under tryon_sdxl's file name, and the tiny FLUX Redux
+    (tests/harness/tiny_flux.py: ComfyUI's single files, style_models/ + a SigLIP in clip_vision/) with the Redux
+    file under tryon_flux's name (its SigLIP is found by `auto`). Returns the SDXL world's paths."""
+    from tests.harness import tiny_flux, tiny_sdxl
+
+    models_root = Path(models_root)
+    world = tiny_sdxl.build_world(models_root)
+    redux = {k: models_root / v for k, v in tiny_flux.REDUX_FILES.items()}
+    if not all(p.exists() for p in redux.values()):
+        redux = tiny_flux.build_redux(models_root)
+    for dst, src in ((models_root / "ipadapter" / TRYON_IP_ADAPTER, world["ip_plus"]),
+                     (models_root / "style_models" / REDUX_FILE, redux["redux"])):
+        if not dst.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.symlink_to(src)
+    return world
 
 
 def place_models(models_root: Path, flux_choice: str, work_dir: Path) -> dict:
@@ -76,7 +97,7 @@ def place_models(models_root: Path, flux_choice: str, work_dir: Path) -> dict:
 
     `flux_choice`: the tiny FLUX.1 Fill's combo value (the `tiny_flux` fixture builds it); `work_dir`: where the
     tiny Qwen-Image-Layered is built once per session (a pytest basetemp)."""
-    from tests.harness import real_weights, tiny_depth, tiny_fastcomposer, tiny_layered, tiny_sam2, tiny_sdxl, tiny_vlm
+    from tests.harness import real_weights, tiny_depth, tiny_fastcomposer, tiny_layered, tiny_sam2, tiny_vlm
 
     models_root = Path(models_root)
     tiny_vlm.build("qwen2_5_vl", models_root / "LLM" / VLM_CHOICE)
@@ -98,10 +119,7 @@ def place_models(models_root: Path, flux_choice: str, work_dir: Path) -> dict:
     for f in (composer, tiny_fastcomposer.config_sidecar_of(composer)):  # the checkpoint and its size sidecar
         if not (models_root / "fastcomposer" / f.name).exists():
             (models_root / "fastcomposer" / f.name).symlink_to(f)
-    world = tiny_sdxl.build_world(models_root)
-    plus = models_root / "ipadapter" / TRYON_IP_ADAPTER
-    if not plus.exists():
-        plus.symlink_to(world["ip_plus"])
+    place_tryon_models(models_root)
     return {
         "AtelierPose": POSE_LANDMARK,
         "AtelierGarmentMask": POSE_LANDMARK,
