@@ -113,7 +113,7 @@ QUANT_MODES: dict[str, QuantMode] = {m.name: m for m in (
               diffusers=lambda d: _bnb_config("diffusers", 4, d),
               transformers=lambda d: _bnb_config("transformers", 4, d)),
     QuantMode("fp8", 0.52, True, True, "fp8 = float8 weights with float8 matmuls (torchao; RTX 40xx/50xx, "
-                                       "Ada/Hopper/Blackwell GPUs)",
+                                       "Ada/Hopper/Blackwell GPUs; resident only: offload none)",
               diffusers=lambda d: _torchao_config("diffusers", dynamic=True),
               transformers=lambda d: _torchao_config("transformers", dynamic=False),
               min_capability=(8, 9), package="torchao", dtypes=(torch.bfloat16,), offloads=False),

@@ -27,6 +27,13 @@ look for it:
   ``tests/browser`` compares that with the file and with the schema.
 * a prompt the server rejects or a run that fails: an error dialog (``dialogs``), ``queue`` raises, ``wait_done``
   returns the /history entry with status "error".
+
+Where 1.47 differs from 1.32 and these helpers cover both: the Run button (``queue`` looks for it by role inside
+the action bar's ``queue-button`` test id, where 1.47 moved that id); text widgets (``widget.element``, 1.47
+deprecates ``inputEl``); the frontend's own load-time warnings (``KNOWN_FRONTEND_ERRORS``: the legacy queue menu,
+"graph accessed before initialization", ``open_maskeditor`` deprecated) are not counted as page problems; and
+the loading mask a workflow drop can leave behind (the known PrimeVue BlockUI removeMask bug) is removed after
+``load_workflow`` so that it cannot swallow the next click.
 """
 from __future__ import annotations
 
