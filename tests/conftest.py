@@ -10,7 +10,9 @@ pytest plugin (the repository root is on sys.path through pytest.ini's `pythonpa
 * tests.harness.batch_fixtures: a local Ray cluster and CPU servers for the batch runner (tests/batch).
 
 Session fixtures are built only when a test asks for them: `pytest tests/engine` never boots ComfyUI.
-Markers by folder: tests under tests/browser are marked `browser`; tests marked `gpu` are skipped without CUDA.
+Markers by folder: tests under tests/browser are marked `browser` and run last (Playwright's sync API keeps its
+event loop running in the main thread until the session's browser closes, so an `asyncio.run` in any test after
+them would fail); tests marked `gpu` are skipped without CUDA.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if BROWSER_DIR in Path(str(item.fspath)).resolve().parents:
             item.add_marker(pytest.mark.browser)
+    items.sort(key=lambda item: item.get_closest_marker("browser") is not None)  # stable: browser tier last
     gpu = [item for item in items if "gpu" in item.keywords]
     if gpu:
         import torch

@@ -565,9 +565,9 @@ ROWS = [
     ("AtelierFluxTryOn", "1x1_garment", flux_tryon, dict(garment=(1, 1, 1)), OK, None),
     ("AtelierFluxTryOn", "prompt_korean_emoji", flux_tryon, dict(prompt=KOREAN + " " + EMOJI), OK, None),
     ("AtelierReduxLoader", "good", flux_tryon, {}, OK, None),  # its group's health row: the try-on without Redux
-    # no SigLIP in this server's clip_vision: the loader names what is missing before it reads the Redux file
-    ("AtelierReduxLoader", "redux_text_no_siglip", redux_loader, dict(redux="corrupt_redux.safetensors"), ERROR,
-     "SigLIP"),
+    # a text file under a Redux name (the SigLIP is found by auto: the try-on world places one): the file is named
+    ("AtelierReduxLoader", "redux_text", redux_loader, dict(redux="corrupt_redux.safetensors"), ERROR,
+     "corrupt_redux.safetensors"),
     ("AtelierReduxLoader", "redux_none", redux_loader, {}, ERROR, "redux"),
 ]
 

@@ -59,8 +59,9 @@ def medium_dirs(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("dtype", ["fp32", pytest.param("bf16", marks=pytest.mark.xfail(
-    strict=True, reason="issue 12, open: loading bf16 files in bf16 peaks at ~1.6x the weights (measured 1.63x): a "
-                        "second copy while diffusers/transformers place the tensors"))])
+    strict=False, reason="issue 12, open: loading bf16 files in bf16 peaks at 1.4-1.6x the weights (measured 1.42x "
+                         "and 1.63x on the same machine, package versions apart): a second copy while "
+                         "diffusers/transformers place the tensors; near the 1.1x + 32 MiB line it passes now and then"))])
 def test_host_ram_peak_while_loading_is_about_the_weights(medium_dirs, dtype):
     out = subprocess.run([sys.executable, "-c", CHILD, str(REPO), str(medium_dirs[dtype]), dtype], capture_output=True,
                          text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
