@@ -56,7 +56,15 @@ def test_live_panel_with_the_fake_camera(camera_browser, comfy_server, client, c
         page.fill(".atelier-live-size", str(SIDE))
         page.select_option(".atelier-live-pose", "none")
         page.click(".atelier-live-webcam")
-        page.wait_for_function("() => (window.atelierLivePanel?.frames ?? 0) >= 8", timeout=240_000)
+        try:  # eight frames shown, or the panel stopped itself (an error in its status line)
+            page.wait_for_function("() => { const p = window.atelierLivePanel; return p && (p.frames >= 8 || "
+                                   "(p.sent > 0 && !p.running)) }", timeout=240_000)
+        finally:
+            state = page.evaluate("() => { const p = window.atelierLivePanel; return {frames: p?.frames, "
+                                  "sent: p?.sent, dropped: p?.dropped, inFlight: p?.inFlight, running: p?.running, "
+                                  "status: document.querySelector('.atelier-live-status')?.textContent} }")
+            print(f"live panel state: {state}")
+        assert state["frames"] >= 8, f"the panel stopped before 8 frames: {state}"
         panel = page.evaluate("() => { const p = window.atelierLivePanel; return {frames: p.frames, sent: p.sent, "
                               "dropped: p.dropped, inFlight: p.inFlight, delivered: p.delivered, model: p.modelFps,"
                               " w: document.querySelector('.atelier-live-output').naturalWidth,"
