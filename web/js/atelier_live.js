@@ -54,8 +54,9 @@ class LivePanel {
     async refresh() {
         try {
             const s = await (await api.fetchApi("/atelier/live/status")).json();
-            this.pose.replaceChildren(...["none", ...s.pose_models].map((m) => el("option", { value: m }, [m])));
-            if (s.pose_models.length) this.pose.value = s.pose_models[0];
+            const names = ["none", ...s.pose_models], kept = this.pose.value;  // "" before the first fill
+            this.pose.replaceChildren(...names.map((m) => el("option", { value: m }, [m])));
+            this.pose.value = names.includes(kept) ? kept : (s.pose_models[0] ?? "none");  // the artist's pick stays
             this.status.textContent = s.ready ? `character: ${s.character}`
                 : "Queue a workflow with Animate Character once: the panel animates its character.";
         } catch (e) {
