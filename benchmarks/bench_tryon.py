@@ -10,9 +10,12 @@ kohya-format LoRA (rank 32 on every UNet attention projection); and, for the FLU
 folder of bench_flux_fill.py plus a rank-32 LoRA.
 
 SDXL rows (1024×768, 30 steps, inpaint + ControlNet + IP-Adapter Plus + one LoRA), through Atelier's engine (the
-code the nodes call): job time and peak VRAM (torch.cuda.max_memory_allocated) for bf16 resident (offload none),
-`model`, `sequential`, and nf4 UNet; plus plain diffusers (StableDiffusionXLControlNetInpaintPipeline +
-load_ip_adapter + load_lora_weights, all on the GPU) on the same files. Targets (issue 11): resident ≤ 1.05× plain
+code the nodes call): job time, peak VRAM (torch.cuda.max_memory_allocated) and the process's peak host RAM (RSS
+sampled every 50 ms while the row runs) for bf16 resident (offload none), `model`, `sequential`, and nf4 UNet; plus
+plain diffusers (StableDiffusionXLControlNetInpaintPipeline + load_ip_adapter + load_lora_weights) on the same files at
+its best for each placement: all on the GPU (`plain`), enable_model_cpu_offload (`plain/model`), leaf-level group
+offload with a side stream (`plain/sequential`). Each row runs its job twice in one process (warm-up, then timed),
+the way a re-queued graph finds its models loaded. Targets (issue 11): resident ≤ 1.05× plain
 diffusers' time; model ≤ 10 GiB; sequential ≤ 4 GiB.
 
 FLUX rows: Try-On (FLUX Fill) with a 1024² person crop beside a 1024² garment (1024×2048 picture), nf4 with and
@@ -44,6 +47,7 @@ from benchmarks.bench_flux_fill import (  # noqa: E402
     environment,
     free_cuda,
 )
+from benchmarks.bench_comfy import RssSampler  # noqa: E402
 from benchmarks.bench_flux_fill import make as make_flux  # noqa: E402
 
 log = logging.getLogger("atelier.bench")
@@ -56,11 +60,13 @@ def recorded(row: dict, what: str):
     """Run a benchmark row: a failure is recorded in the row (never raised); models released afterwards."""
     free_cuda()
     torch.cuda.reset_peak_memory_stats()
+    rss = RssSampler(os.getpid())
     try:
         yield
     except Exception as e:  # noqa: BLE001 - a benchmark records failures as rows
         log.exception("%s failed", what)
         row["error"] = f"{type(e).__name__}: {e}"[:500]
+    row["host_rss_peak_gib"] = round(rss.stop() / GiB, 2)  # this process, while the row ran (loading included)
     free_cuda()
     log.info("%s", json.dumps(row))
 
@@ -166,22 +172,31 @@ def sdxl_row(paths: dict, quantization: str, offload: str) -> dict:
     return row
 
 
-def plain_diffusers_row(paths: dict) -> dict:
-    """The same job in a plain diffusers script (everything on the GPU, bf16)."""
+def plain_diffusers_row(paths: dict, offload: str = "none") -> dict:
+    """The same job in a plain diffusers script, bf16, placed at diffusers' best for ``offload``: none (everything on
+    the GPU), model (enable_model_cpu_offload), sequential (leaf-level group offload, prefetched on a side stream)."""
     from diffusers import ControlNetModel, StableDiffusionXLControlNetInpaintPipeline
     from diffusers.image_processor import IPAdapterMaskProcessor
 
     from atelier import ip_adapter
 
-    row: dict = {"stage": "sdxl_tryon", "quantization": "none", "offload": "plain diffusers"}
-    with recorded(row, "plain diffusers"):
+    row: dict = {"stage": "sdxl_tryon", "quantization": "none", "offload": offload, "peer": "plain diffusers"}
+    with recorded(row, f"plain diffusers {offload}"):
         pipe = StableDiffusionXLControlNetInpaintPipeline.from_pretrained(
             paths["folder"], controlnet=ControlNetModel.from_pretrained(paths["controlnet"], torch_dtype=torch.bfloat16),
             torch_dtype=torch.bfloat16, add_watermarker=False)
         ip_adapter.load_into(pipe, ip_adapter.read(str(paths["ip"])), str(paths["clip"]), torch.bfloat16)
         pipe.load_lora_weights(str(paths["lora"]), adapter_name="l")
         pipe.set_adapters(["l"], [0.8])
-        pipe.to("cuda")
+        if offload == "none":
+            pipe.to("cuda")
+        elif offload == "model":
+            pipe.enable_model_cpu_offload()
+        elif offload == "sequential":
+            pipe.enable_group_offload(onload_device=torch.device("cuda"), offload_device=torch.device("cpu"),
+                                      offload_type="leaf_level", use_stream=True)
+        else:
+            raise ValueError(f"plain diffusers offload none, model or sequential; got {offload!r}")
         pipe.set_ip_adapter_scale(0.8)
         pipe.set_progress_bar_config(disable=True)
         person, garment, depth, mask = inputs()
@@ -239,8 +254,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--parts", default="sdxl,flux", help="sdxl, flux or both (each fits a 10-minute slot)")
     ap.add_argument("--flux-steps", type=int, default=6)
-    ap.add_argument("--sdxl-rows", default="plain,none/none,none/model,none/sequential,nf4/none",
-                    help="SDXL rows: plain (diffusers) and quantization/offload pairs")
+    ap.add_argument("--sdxl-rows", default="plain,plain/model,plain/sequential,none/none,none/model,none/sequential,"
+                                             "nf4/none",
+                    help="SDXL rows: plain[/offload] (diffusers) and quantization/offload pairs (Atelier)")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     parts = set(a.parts.split(","))
@@ -248,7 +264,9 @@ def main() -> None:
     if "sdxl" in parts:
         paths = make_sdxl(a.work)
         for row in a.sdxl_rows.split(","):
-            rows.append(plain_diffusers_row(paths) if row == "plain" else sdxl_row(paths, *row.split("/")))
+            kind, _, offload = row.partition("/")
+            rows.append(plain_diffusers_row(paths, offload or "none") if kind == "plain" else
+                        sdxl_row(paths, kind, offload))
     if "flux" in parts:
         flux = a.work / "flux-fill"
         if not (flux / "model_index.json").exists():
