@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from tests.harness.comfy_server import ComfyClient, load_api_workflow
+from tests.harness.frontend import is_widget_spec
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 UI_DIR = REPO_ROOT / "workflows"
@@ -31,8 +32,6 @@ API_FILES = sorted(API_DIR.glob("*.json"))
 # Nodes that live only in the frontend: never in the API format, never in /object_info.
 FRONTEND_ONLY = {"Note", "MarkdownNote"}
 CONTROL_VALUES = {"fixed", "randomize", "increment", "decrement"}
-# COMFY_DYNAMICCOMBO_V3: a combo whose option brings its own inputs (ComfyUI 0.30's Save Video `codec`); a widget
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", "COMFY_DYNAMICCOMBO_V3"}
 UPLOAD_FLAGS = ("image_upload", "video_upload", "audio_upload", "animated_image_upload", "upload")
 UI_KEYS = {"id", "revision", "last_node_id", "last_link_id", "nodes", "links", "groups", "config", "extra",
            "version"}
@@ -64,13 +63,6 @@ def input_specs(info: dict) -> list:
     return out
 
 
-def is_widget(spec) -> bool:
-    kind = spec[0]
-    if len(spec) > 1 and isinstance(spec[1], dict) and spec[1].get("forceInput"):
-        return False  # a socket only: the frontend makes no widget (and no widgets_values entry) for it
-    return isinstance(kind, list) or kind in WIDGET_TYPES  # a list is a legacy COMBO
-
-
 def has_control(name: str, spec) -> bool:
     """The frontend adds a control_after_generate widget after INT seeds (explicit flag, else seed/noise_seed)."""
     opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
@@ -92,7 +84,7 @@ def widget_inputs(ui_node: dict, info: dict) -> dict:
     out, i, uploads = {}, 0, 0
     optional = set((info.get("input") or {}).get("optional") or {})
     for name, spec in input_specs(info):
-        if not is_widget(spec):
+        if not is_widget_spec(spec):
             continue
         if i >= len(values) and name in optional:
             break  # saved before this optional input was added (new inputs go last): the frontend uses its default

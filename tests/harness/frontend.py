@@ -683,19 +683,21 @@ FRONTEND_ONLY_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 WIDGET_KINDS = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", "COMFY_DYNAMICCOMBO_V3"}
 
 
+def is_widget_spec(spec) -> bool:
+    """Whether the frontend builds a widget (and a widgets_values entry) for an /object_info input spec."""
+    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    if opts.get("forceInput"):
+        return False  # a socket only
+    return isinstance(spec[0], list) or spec[0] in WIDGET_KINDS  # a list is a legacy COMBO
+
+
 def schema_widget_names(info: dict) -> list:
     """Names of the inputs the frontend builds a widget for, in its order (input_order required, then optional)."""
     order = info.get("input_order") or {}
     names = []
     for group in ("required", "optional"):
         specs = (info.get("input") or {}).get(group) or {}
-        for name in order.get(group) or list(specs):
-            spec = specs[name]
-            opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-            if opts.get("forceInput"):
-                continue
-            if isinstance(spec[0], list) or spec[0] in WIDGET_KINDS:
-                names.append(name)
+        names += [name for name in order.get(group) or list(specs) if is_widget_spec(specs[name])]
     return names
 
 
