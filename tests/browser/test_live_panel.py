@@ -4,6 +4,7 @@ the server keeps only the newest waiting one)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,8 @@ import pytest
 
 from tests.harness import frontend
 from tests.harness.workflow_inputs import place_character_models
+
+log = logging.getLogger("atelier.tests")
 
 SIDE = 64
 
@@ -63,7 +66,7 @@ def test_live_panel_with_the_fake_camera(camera_browser, comfy_server, client, c
             state = page.evaluate("() => { const p = window.atelierLivePanel; return {frames: p?.frames, "
                                   "sent: p?.sent, dropped: p?.dropped, inFlight: p?.inFlight, running: p?.running, "
                                   "status: document.querySelector('.atelier-live-status')?.textContent} }")
-            print(f"live panel state: {state}")
+            log.info(f"live panel state: {state}")
         assert (state["frames"] or 0) >= 8, f"the panel stopped before 8 frames: {state}"
         assert page.input_value(".atelier-live-pose") == "none"  # starting the camera refreshes the list, keeps the pick
         panel = page.evaluate("() => { const p = window.atelierLivePanel; return {frames: p.frames, sent: p.sent, "
@@ -73,7 +76,7 @@ def test_live_panel_with_the_fake_camera(camera_browser, comfy_server, client, c
         page.click(".atelier-live-stop")
     finally:
         context.close()
-    print(f"live panel: {panel}")
+    log.info(f"live panel: {panel}")
     assert panel["w"] == SIDE and "fps shown" in panel["fps"]
     assert panel["inFlight"] <= 2  # never more than one generating + one waiting
     assert panel["delivered"] > 0 and panel["model"] > 0

@@ -4,6 +4,7 @@ diffusers on the same tiny files, a LoRA on FLUX Fill, and each bad input as a c
 from __future__ import annotations
 
 import io
+import logging
 
 import numpy as np
 import pytest
@@ -13,6 +14,8 @@ from PIL import Image
 from tests.harness import tiny_flux as tf
 from tests.harness import tiny_sdxl
 from tests.harness.comfy_server import ComfyClient, assert_progress_each_step, progress_values
+
+log = logging.getLogger("atelier.tests")
 
 S = 64
 CKPT = "checkpoints/sdxl_inpaint_tiny.safetensors"
@@ -137,7 +140,7 @@ def test_loader_lora_tryon_equals_plain_diffusers(client, world, pictures, ws):
                cross_attention_kwargs={"ip_adapter_masks": [ip_mask.reshape(1, 1, S, S)]}, output_type="np").images[0]
     want = np.clip(ref * 255.0, 0, 255).astype(np.int16)
     diff = np.abs(got - want)
-    print(f"server parity (SDXL try-on + ControlNet + IP-Adapter + kohya LoRA): max {diff.max()} levels of 255")
+    log.info(f"server parity (SDXL try-on + ControlNet + IP-Adapter + kohya LoRA): max {diff.max()} levels of 255")
     assert diff.max() <= 1
 
 

@@ -65,7 +65,7 @@ def test_soak_rss_growth(client, comfy_server, c):
     base, peak, end = samples[SOAK_WARMUP - 1], max(samples[SOAK_WARMUP:]), samples[-1]
     log.info("soak: RSS %.0f MiB after warm-up, %.0f MiB peak, %.0f MiB at the end (growth %.0f MiB)",
              base / MIB, peak / MIB, end / MIB, (end - base) / MIB)
-    print(f"\nsoak RSS: warm {base / MIB:.0f} MiB, peak {peak / MIB:.0f} MiB, end {end / MIB:.0f} MiB, "
+    log.info(f"soak RSS: warm {base / MIB:.0f} MiB, peak {peak / MIB:.0f} MiB, end {end / MIB:.0f} MiB, "
           f"growth {(end - base) / MIB:+.0f} MiB")
     assert end - base <= SOAK_MAX_GROWTH, (base, end)
 
@@ -158,7 +158,7 @@ def test_interrupts_at_random_points(client, comfy_server, comfy_base, c):
                 f"stale state after Stop at {point}")
     finally:
         ws.close()
-        print("\ninterrupts (point, step k, stopped, seconds to end):", results)
+        log.info("interrupts (point, step k, stopped, seconds to end): %s", results)
     landed = sum(r[2] for r in results)
     log.info("interrupts: %d of %d stopped, slowest %.2f s", landed, len(results), max(r[3] for r in results))
     assert landed >= 8, f"too few Stops landed: {results}"

@@ -5,6 +5,7 @@ AutoencoderTiny, the colour ΔE, keyframe prompts, and the bad inputs."""
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -14,6 +15,8 @@ from atelier import character, sd15_files, stage
 from atelier.errors import InputError, ModelFileError, SettingError
 from atelier.images import to_bchw
 from tests.harness import tiny_character as tc
+
+log = logging.getLogger("atelier.tests")
 
 SIZE = 64
 
@@ -90,7 +93,7 @@ def test_frame_one_is_plain_diffusers(model, reference_pipe, guidance):
             guidance_scale=guidance, controlnet_conditioning_scale=0.8, generator=torch.Generator("cpu").manual_seed(123),
             output_type="pt").images
     delta = (frames - expected.permute(0, 2, 3, 1)).abs().max().item()
-    print(f"frame-1 parity (guidance {guidance}): max |Δ| = {delta:.2e}")
+    log.info(f"frame-1 parity (guidance {guidance}): max |Δ| = {delta:.2e}")
     assert frames.shape == (1, SIZE, SIZE, 3)
     assert delta < 1e-4
     assert frames.std() > 0.01  # not a flat picture
@@ -131,7 +134,7 @@ def test_reuse_step_matches_formula_and_img2img(model, reference_pipe):
     noise = torch.randn(z1.shape, generator=torch.Generator("cpu").manual_seed(7))
     expected_start = character.mixed_latent(z1, noise, sched.alphas_cumprod, int(t))
     d_start = (seen[0] - expected_start).abs().max().item()
-    print(f"reuse start latent vs formula: max |Δ| = {d_start:.2e}")
+    log.info(f"reuse start latent vs formula: max |Δ| = {d_start:.2e}")
     assert d_start < 1e-5
 
     img2img = StableDiffusionControlNetImg2ImgPipeline(**reference_pipe.components)
@@ -142,7 +145,7 @@ def test_reuse_step_matches_formula_and_img2img(model, reference_pipe):
                            controlnet_conditioning_scale=1.0, generator=torch.Generator("cpu").manual_seed(7), output_type="pt",
                            height=SIZE, width=SIZE).images
     d = (second - expected.permute(0, 2, 3, 1)).abs().max().item()
-    print(f"reuse frame vs diffusers img2img: max |Δ| = {d:.2e}")
+    log.info(f"reuse frame vs diffusers img2img: max |Δ| = {d:.2e}")
     assert d < 1e-4
     assert (second - first).abs().max() > 1e-3
     rep = session.report()
@@ -266,7 +269,7 @@ def test_taesd_mapping_equals_autoencoder_tiny(tiny):
     with torch.no_grad():
         d_dec = (vae.decode(z).sample - ref.decode(z)).abs().max().item()
         d_enc = (vae.encode(x).latents - ref.encode(x)).abs().max().item()
-    print(f"TAESD decode max |Δ| = {d_dec:.2e}, encode max |Δ| = {d_enc:.2e}")
+    log.info(f"TAESD decode max |Δ| = {d_dec:.2e}, encode max |Δ| = {d_enc:.2e}")
     assert d_dec < 1e-5 and d_enc < 1e-5
     # the encoder file alone names its decoder
     assert sd15_files.taesd_pair(str(tiny["taesd_encoder"]))[0] == str(tiny["taesd_decoder"])
@@ -325,5 +328,5 @@ def test_single_file_checkpoint_equals_the_folder(tiny, model, tmp_path_factory)
     finally:
         single.close()
     d = (a - b).abs().max().item()
-    print(f"single file vs folder: max |Δ| = {d:.2e}")
+    log.info(f"single file vs folder: max |Δ| = {d:.2e}")
     assert d < 1e-4

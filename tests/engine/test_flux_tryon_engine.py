@@ -4,6 +4,7 @@ the person picture comes back exact outside the mask."""
 
 from __future__ import annotations
 
+import logging
 import pytest
 import torch
 
@@ -12,6 +13,8 @@ from atelier.errors import InputError, ModelFileError
 from atelier.stage import get
 from atelier.types import FluxFillSpec
 from tests.harness import tiny_flux
+
+log = logging.getLogger("atelier.tests")
 
 PROMPT = "a denim jacket with a yellow logo"
 KW = dict(steps=2, guidance=30.0, seed=4, height=32, margin=0.2)
@@ -64,7 +67,7 @@ def test_flux_tryon_equals_fluxfill_on_the_composed_picture(files_diffusers, tin
     ref, _ = _plain(tiny_dir, picture, pmask, KW["seed"])
     want = flux_tryon.stitch(person, mask, ref, lay)
     d = float((out - want).abs().max())
-    print(f"FLUX try-on vs FluxFillPipeline on the composed picture: max abs delta {d:.2e}")
+    log.info(f"FLUX try-on vs FluxFillPipeline on the composed picture: max abs delta {d:.2e}")
     assert d < 1e-4
     outside = (mask[0] == 0)
     assert torch.equal(out[0][outside], person[0][outside])
@@ -92,7 +95,7 @@ def test_flux_tryon_with_redux_equals_prior_redux(files_diffusers, tiny_dir, red
     ref, _ = _plain(tiny_dir, picture, pmask, KW["seed"], embeds)
     d = float((out - flux_tryon.stitch(person, mask, ref, lay)).abs().max())
     no_redux = flux_tryon.run(model, person, garment, mask, PROMPT, **KW)
-    print(f"FLUX try-on + Redux vs FluxPriorReduxPipeline + FluxFillPipeline: max abs delta {d:.2e} "
+    log.info(f"FLUX try-on + Redux vs FluxPriorReduxPipeline + FluxFillPipeline: max abs delta {d:.2e} "
           f"(Redux changes the result by {float((out - no_redux).abs().max()):.2e})")
     assert d < 1e-4 and float((out - no_redux).abs().max()) > 1e-3
 

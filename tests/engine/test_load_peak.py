@@ -4,12 +4,15 @@ part once (no second full copy of the state dict), measured as peak RSS of a fre
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+
+log = logging.getLogger("atelier.tests")
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -69,7 +72,7 @@ def test_host_ram_peak_while_loading_is_about_the_weights(medium_dirs, dtype):
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     grew = r["peak"] - r["base"]
-    print(f"{dtype}: weights {r['weights'] / 2**20:.1f} MiB, load peak +{grew / 2**20:.1f} MiB "
+    log.info(f"{dtype}: weights {r['weights'] / 2**20:.1f} MiB, load peak +{grew / 2**20:.1f} MiB "
           f"({grew / r['weights']:.2f}x)")
     assert r["weights"] > 50 * 2**20
     assert grew <= 1.1 * r["weights"] + 32 * 2**20  # no second full copy (32 MiB: allocator and tokenizer slack)

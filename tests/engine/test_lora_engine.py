@@ -3,6 +3,7 @@ the plain pipeline, strengths and removal on the cached base, and a LoRA of anot
 
 from __future__ import annotations
 
+import logging
 import pytest
 import torch
 
@@ -12,6 +13,8 @@ from atelier.registry import REGISTRY
 from atelier.stage import get
 from atelier.types import FluxFillSpec
 from tests.harness import tiny_flux, tiny_sdxl
+
+log = logging.getLogger("atelier.tests")
 
 PROMPT = "a denim jacket"
 STEPS, GUIDANCE, SEED = 2, 30.0, 5
@@ -59,7 +62,7 @@ def test_flux_fill_lora_parity_strength_and_unload(files_diffusers, tiny_dir, fl
         h = lora.with_lora(handle, lora.ref(str(flux_lora), strength))
         out = fill.inpaint(get(fill.STAGE, h), image, mask, PROMPT, loras=h.loras, **run)
         d = float((out - _reference(tiny_dir, flux_lora, strength)).abs().max())
-        print(f"FLUX Fill + LoRA ×{strength}: max abs delta vs diffusers load_lora_weights {d:.2e}, "
+        log.info(f"FLUX Fill + LoRA ×{strength}: max abs delta vs diffusers load_lora_weights {d:.2e}, "
               f"change from no LoRA {float((out - base).abs().max()):.2e}")
         assert d < 1e-4 and float((out - base).abs().max()) > 1e-2
     again = fill.inpaint(model, image, mask, PROMPT, loras=(), **run)
@@ -82,7 +85,7 @@ def test_sdxl_lora_on_flux_fill_is_a_clear_error(files_diffusers, tmp_path, clea
     image, mask = _inputs()
     with pytest.raises(ModelFileError, match=r"LoRA for FLUX.*(SDXL|unknown).*layers matched") as e:
         fill.inpaint(model, image, mask, PROMPT, steps=1, loras=(lora.ref(str(path), 1.0),))
-    print("error:", str(e.value)[:400])
+    log.info("error: %s", str(e.value)[:400])
     assert model.lora_loaded == {}
     out = fill.inpaint(model, image, mask, PROMPT, steps=1)  # the pipeline still works without it
     assert torch.isfinite(out).all()

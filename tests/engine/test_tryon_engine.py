@@ -5,6 +5,7 @@ no adapter, LoRAs changing on the cached pipeline, and the bad inputs."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import numpy as np
 import pytest
@@ -18,6 +19,8 @@ from atelier.registry import REGISTRY
 from atelier.stage import get
 from tests.harness import tiny_sdxl
 from tests.harness.comfy_server import comfy_root
+
+log = logging.getLogger("atelier.tests")
 
 TOL = 1e-4
 SIZE = 64
@@ -124,7 +127,7 @@ def test_single_file_parity_with_diffusers(single, reference, inputs):
     out = tryon.run(model, person, garment, mask, depth=depth, composite_back=False, progress=progress, **KW)
     ref = reference(person, garment, depth, mask)
     d = _delta(out, ref)
-    print(f"parity single-file checkpoint vs diffusers folder: max abs delta {d:.2e}")
+    log.info(f"parity single-file checkpoint vs diffusers folder: max abs delta {d:.2e}")
     assert d < TOL and float(out.std()) > 0.01
     assert progress.done == KW["steps"]
     back = tryon.run(model, person, garment, mask, depth=depth, composite_back=True, **KW)
@@ -137,7 +140,7 @@ def test_ip_adapter_scale_zero_is_no_adapter(single, reference, inputs):
     out = tryon.run(model, *inputs[:2], inputs[3], depth=inputs[2], composite_back=False, **dict(KW, ip_adapter_scale=0.0))
     d = _delta(out, reference(*inputs, ip=False))
     d_on = _delta(out, reference(*inputs))
-    print(f"IP-Adapter scale 0 vs no adapter: max abs delta {d:.2e} (scale 0.8 differs by {d_on:.2e})")
+    log.info(f"IP-Adapter scale 0 vs no adapter: max abs delta {d:.2e} (scale 0.8 differs by {d_on:.2e})")
     assert d < TOL and d_on > 100 * TOL
 
 
@@ -153,7 +156,7 @@ def test_kohya_lora_parity_and_cached_base(world, single, reference, inputs):
         out = tryon.run(get(tryon.STAGE, hl), *inputs[:2], inputs[3], depth=inputs[2], composite_back=False,
                         loras=hl.loras, **KW)
         d = _delta(out, reference(*inputs, lora_file=world["lora"], lora_scale=strength))
-        print(f"kohya LoRA ×{strength}: max abs delta vs diffusers load_lora_weights {d:.2e}; "
+        log.info(f"kohya LoRA ×{strength}: max abs delta vs diffusers load_lora_weights {d:.2e}; "
               f"change from no LoRA {_delta(out, base):.2e}")
         assert d < TOL and _delta(out, base) > 100 * TOL
     again = tryon.run(model, *inputs[:2], inputs[3], depth=inputs[2], composite_back=False, loras=(), **KW)
@@ -225,7 +228,7 @@ def test_folder_controlnet_file_and_bin_adapter(world, reference, inputs, clean_
     h = handle(world, layout="diffusers", controlnet="controlnet_file", ip="ip_bin")
     out = tryon.run(get(tryon.STAGE, h), *inputs[:2], inputs[3], depth=inputs[2], composite_back=False, **KW)
     d = _delta(out, reference(*inputs))
-    print(f"parity folder + ControlNet file + IP-Adapter .bin: max abs delta {d:.2e}")
+    log.info(f"parity folder + ControlNet file + IP-Adapter .bin: max abs delta {d:.2e}")
     assert d < TOL
 
 

@@ -3,6 +3,7 @@ side stream, for every weight format; same pixels as everything resident; load p
 
 from __future__ import annotations
 
+import logging
 import pytest
 import torch
 
@@ -10,6 +11,8 @@ from atelier import fill, stage
 from atelier.memory import BudgetPlan
 from atelier.registry import REGISTRY
 from atelier.types import FluxFillFiles, FluxFillHandle, FluxFillSpec
+
+log = logging.getLogger("atelier.tests")
 
 pytestmark = pytest.mark.gpu
 
@@ -61,7 +64,7 @@ def test_budget_streams_some_blocks_and_matches_resident(tiny_dir, monkeypatch, 
     out = fill.inpaint(model, image, mask, "a lamp", steps=2, seed=1)
     again = fill.inpaint(model, image, mask, "a lamp", steps=2, seed=1)  # prefetch order learnt on the 1st run
     delta = float((out - ref).abs().max())
-    print(f"budget {quantization} (compile {compile_}) vs all resident: max abs {delta:.2e}")
+    log.info(f"budget {quantization} (compile {compile_}) vs all resident: max abs {delta:.2e}")
     assert torch.equal(out, again)
     assert delta <= (2e-2 if compile_ else 1e-3)
     assert any("offload budget" in n for n in model.notes)

@@ -3,6 +3,7 @@ against plain torch bf16, the tiny FLUX Fill in fp8 resident (and compiled, and 
 
 from __future__ import annotations
 
+import logging
 import pytest
 import torch
 
@@ -11,6 +12,8 @@ from atelier.errors import SettingError
 from atelier.memory import diffusers_quant_config, transformers_quant_config
 from atelier.registry import REGISTRY
 from atelier.types import FluxFillFiles, FluxFillSpec
+
+log = logging.getLogger("atelier.tests")
 
 pytestmark = pytest.mark.gpu
 
@@ -45,7 +48,7 @@ def test_fp8_linear_matches_bf16_torch(which):
         got = q(x)
     assert "float8" in str(getattr(q.weight, "qdata", q.weight).dtype)  # stored in float8
     err = _rel(got, want)
-    print(f"fp8 ({which}) relative error vs bf16: {err:.4f}")
+    log.info(f"fp8 ({which}) relative error vs bf16: {err:.4f}")
     assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
     assert err < 0.06  # e4m3 keeps 3 mantissa bits: ~2-4 % on a random matmul
 
@@ -80,5 +83,5 @@ def test_tiny_flux_fill_in_fp8(tiny_dir, offload, compile_):
     bf16 = stage.get(fill.STAGE, fill.make_handle(FluxFillSpec(files=FluxFillFiles("diffusers", str(tiny_dir)),
                                                                device="cuda", offload="none")))
     ref = fill.inpaint(bf16, image, mask, "a lamp", steps=2, seed=1)
-    print(f"tiny FLUX Fill fp8 ({offload}, compile {compile_}) vs bf16: max abs {float((out - ref).abs().max()):.4f}")
+    log.info(f"tiny FLUX Fill fp8 ({offload}, compile {compile_}) vs bf16: max abs {float((out - ref).abs().max()):.4f}")
     assert float((out - ref).abs().mean()) < 0.05

@@ -7,6 +7,7 @@ Run on the device machine: pytest -c tests/pytest.ini -m gpu tests/gpu/test_gpu_
 """
 from __future__ import annotations
 
+import logging
 import stat
 from pathlib import Path
 
@@ -14,6 +15,8 @@ import pytest
 import torch
 
 from tests.harness.comfy_server import ComfyClient, ComfyServer, comfy_python
+
+log = logging.getLogger("atelier.tests")
 
 pytestmark = pytest.mark.gpu
 
@@ -76,14 +79,14 @@ def test_oom_names_the_toggles_and_frees_vram(capped):
     details = client.error_details(entry)
     assert details is not None, "a 4096² FLUX Fill fitted in the cap: raise the side or lower CAP_BYTES"
     message = details["exception_message"]
-    print("\nOOM message:", message)
+    log.info("OOM message: %s", message)
     assert details["exception_type"].endswith("SettingError"), details["exception_type"]
     for toggle in ("offload", "quantization", "vae_tiling", "lower resolution"):
         assert toggle in message, (toggle, message)
     assert "Traceback" not in message and server.alive()
 
     after = _torch_reserved(client)
-    print(f"torch reserved VRAM: {before / MIB:.0f} MiB before, {after / MIB:.0f} MiB after the OOM")
+    log.info(f"torch reserved VRAM: {before / MIB:.0f} MiB before, {after / MIB:.0f} MiB after the OOM")
     assert after <= before + 64 * MIB, (before, after)
     again = client.run(_prompt(64), timeout=600)
     assert client.succeeded(again), client.error_message(again)
