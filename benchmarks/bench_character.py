@@ -26,6 +26,7 @@ import argparse
 import gc
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_comfy import RssSampler  # noqa: E402
 from bench_flux_fill import _randomise, environment  # noqa: E402 - shared benchmark helpers
 
 from atelier import character, sd15_files  # noqa: E402
@@ -132,16 +134,18 @@ def measure(model, steps: int, batch: int, reuse: float = 0.0, passes: int = 4, 
         s.run(p)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    rss = RssSampler(os.getpid())
     t0 = time.perf_counter()
     for _ in range(passes):
         s.run(p)
     torch.cuda.synchronize()
     wall = time.perf_counter() - t0
+    host = rss.stop()
     rec = s.records[-batch * passes:]
     return {"fps": round(batch * passes / wall, 2), "ms_per_frame": round(1000 * wall / (batch * passes), 2),
             "model_ms": round(sum(r.model_ms for r in rec) / len(rec), 2),
             "decode_ms": round(sum(r.decode_ms for r in rec) / len(rec), 2),
-            "peak_vram_gib": round(torch.cuda.max_memory_allocated() / GiB, 3)}
+            "peak_vram_gib": round(torch.cuda.max_memory_allocated() / GiB, 3), "host_rss_peak_gib": round(host / GiB, 2)}
 
 
 def plain_diffusers(paths: dict, tokenizer: str, steps: int, batch: int, passes: int = 4) -> dict:
@@ -160,12 +164,14 @@ def plain_diffusers(paths: dict, tokenizer: str, steps: int, batch: int, passes:
     call(); call()  # noqa: E702
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    rss = RssSampler(os.getpid())
     t0 = time.perf_counter()
     for _ in range(passes):
         call()
     torch.cuda.synchronize()
     wall = time.perf_counter() - t0
-    out = {"fps": round(batch * passes / wall, 2), "peak_vram_gib": round(torch.cuda.max_memory_allocated() / GiB, 3)}
+    out = {"fps": round(batch * passes / wall, 2), "peak_vram_gib": round(torch.cuda.max_memory_allocated() / GiB, 3),
+           "host_rss_peak_gib": round(rss.stop() / GiB, 2)}
     del pipe
     return out
 

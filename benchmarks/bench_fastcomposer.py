@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_comfy import RssSampler  # noqa: E402
 from bench_flux_fill import StepTimer, _randomise, environment, free_cuda  # noqa: E402 - shared benchmark helpers
 
 from atelier import fastcomposer as fc  # noqa: E402
@@ -71,13 +72,16 @@ def subjects(n: int) -> torch.Tensor:
     return torch.rand(n, 512, 512, 3, generator=g)
 
 
-def timed(fn, timer: StepTimer | None = None) -> tuple[float, float]:
+def timed(fn, timer: StepTimer | None = None) -> tuple[float, float, float]:
+    """(job seconds, peak VRAM GiB, peak host RAM GiB of this process while the job ran)."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    rss = RssSampler(os.getpid())
     t0 = time.perf_counter()
     fn()
     torch.cuda.synchronize()
-    return time.perf_counter() - t0, torch.cuda.max_memory_allocated() / GiB
+    job = time.perf_counter() - t0
+    return job, torch.cuda.max_memory_allocated() / GiB, rss.stop() / GiB
 
 
 def run(path: Path, tokenizer: Path, steps: int, size: int) -> list[dict]:
@@ -103,9 +107,10 @@ def run(path: Path, tokenizer: Path, steps: int, size: int) -> list[dict]:
     torch.cuda.empty_cache()
     plain(StepTimer())()  # warm-up
     timer = StepTimer()
-    job, peak = timed(plain(timer))
+    job, peak, host = timed(plain(timer))
     rows.append({"setting": "plain SD1.5 (diffusers StableDiffusionPipeline)", "offload": "none", "subjects": 0,
-                 "job_s": round(job, 3), **timer.stats(), "peak_vram_gib": round(peak, 3), "load_s": round(load_s, 1)})
+                 "job_s": round(job, 3), **timer.stats(), "peak_vram_gib": round(peak, 3),
+                 "host_rss_peak_gib": round(host, 2), "load_s": round(load_s, 1)})
     base_job = job
     pipe.image_encoder.to("cuda")
     model.postfuse.to("cuda")
@@ -116,10 +121,10 @@ def run(path: Path, tokenizer: Path, steps: int, size: int) -> list[dict]:
                                        width=size, height=size, progress=timer)
         go(StepTimer())()  # warm-up
         timer = StepTimer()
-        job, peak = timed(go(timer))
+        job, peak, host = timed(go(timer))
         rows.append({"setting": f"FastComposer, {n} subject{'s' if n > 1 else ''}", "offload": "none", "subjects": n,
                      "job_s": round(job, 3), **timer.stats(), "peak_vram_gib": round(peak, 3),
-                     "ratio_vs_plain": round(job / base_job, 3)})
+                     "host_rss_peak_gib": round(host, 2), "ratio_vs_plain": round(job / base_job, 3)})
         log.info("%s", rows[-1])
     free_cuda()
 
@@ -129,9 +134,10 @@ def run(path: Path, tokenizer: Path, steps: int, size: int) -> list[dict]:
                                             seed=0, width=size, height=size, progress=timer))
     go(StepTimer())()
     timer = StepTimer()
-    job, peak = timed(go(timer))
+    job, peak, host = timed(go(timer))
     rows.append({"setting": "FastComposer, 2 subjects", "offload": "model", "subjects": 2, "job_s": round(job, 3),
-                 **timer.stats(), "peak_vram_gib": round(peak, 3), "ratio_vs_plain": round(job / base_job, 3)})
+                 **timer.stats(), "peak_vram_gib": round(peak, 3), "host_rss_peak_gib": round(host, 2),
+                 "ratio_vs_plain": round(job / base_job, 3)})
     free_cuda()
     return rows
 
